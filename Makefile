@@ -1,0 +1,119 @@
+# aigw — top-level build. `make run` and `make test` are the two commands a
+# user needs; both install missing Debian packages first (deploy/deps.sh).
+#
+#   make            build everything into build/
+#   make run        build and start the whole gateway on :8080
+#   make test       selftests (plain and ASan+UBSan), integration tests
+#   make bench      benchmarks (not tests); results go to docs/PERFORMANCE.md
+#   make fuzz       every libFuzzer target for FUZZ_TIME seconds each
+#   make SAN=1 ...  the same build with ASan+UBSan, into build-san/
+
+SHELL      := /bin/bash
+SAN        ?= 0
+BUILD      ?= build
+O          := $(if $(filter 1,$(SAN)),$(BUILD)-san,$(BUILD))
+CC         ?= cc
+PKGS       := libczmq libzmq msgpack hiredis libpq libcurl sqlite3 openssl
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lcivetweb -lm -lpthread
+WARN       := -Wall -Wextra -Werror -Wno-unused-parameter -Wshadow -Wstrict-prototypes
+OPT        := $(if $(filter 1,$(SAN)),-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined,-O2 -g)
+CFLAGS     := -std=gnu11 $(WARN) $(OPT) -D_GNU_SOURCE -Iproto -Ibroker $(PKG_CFLAGS)
+LDFLAGS    := $(if $(filter 1,$(SAN)),-fsanitize=address,undefined,)
+SHARED     ?= $(abspath ../shared)
+PYTHON     := /usr/bin/python3
+FUZZ_TIME  ?= 20
+
+# Classes: every .c that is not a program main (mains are named aigw_*.c).
+DIRS       := proto broker $(wildcard services/*) edge
+CLASS_SRC  := $(filter-out %/aigw_%.c,$(foreach d,$(DIRS),$(wildcard $(d)/*.c)))
+MAIN_SRC   := $(foreach d,$(DIRS) tests/c,$(wildcard $(d)/aigw_*.c))
+CLASS_OBJ  := $(patsubst %.c,$(O)/obj/%.o,$(CLASS_SRC))
+PROGRAMS   := $(foreach m,$(MAIN_SRC),$(O)/$(subst _,-,$(basename $(notdir $(m)))))
+HEADERS    := $(foreach d,$(DIRS),$(wildcard $(d)/*.h))
+FUZZ_SRC   := $(wildcard tests/fuzz/fuzz_*.c)
+FUZZERS    := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
+
+.PHONY: all deps run test selftest selftest-san integration bench fuzz clean format check-format
+.DEFAULT_GOAL := all
+
+all: $(PROGRAMS)
+
+deps:
+	@deploy/deps.sh
+
+$(O)/obj/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+# The selftest table, generated from every gw_<class>_test declaration.
+$(O)/gen/selftests.inc: $(HEADERS)
+	@mkdir -p $(dir $@)
+	@names=$$(grep -ho 'gw_[a-z0-9_]*_test (bool verbose)' $(HEADERS) | sed 's/ (bool verbose)//' | sort -u); \
+	{ for n in $$names; do echo "void $$n (bool verbose);"; done; \
+	  echo "static const test_t s_tests[] = {"; \
+	  for n in $$names; do s=$${n#gw_}; echo "    {\"$${s%_test}\", $$n},"; done; \
+	  echo "};"; } > $@.tmp && mv $@.tmp $@
+
+$(O)/aigw-selftest: CFLAGS += -I$(O)/gen
+$(O)/aigw-selftest: $(O)/gen/selftests.inc
+
+$(O)/libaigw.a: $(CLASS_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+# Program mains: dir/aigw_name.c -> $(O)/aigw-name
+define PROGRAM_RULE
+$(O)/$(subst _,-,$(basename $(notdir $(1)))): $(1) $(O)/libaigw.a $(HEADERS)
+	$$(CC) $$(CFLAGS) $(1) -o $$@ $(O)/libaigw.a $$(LDFLAGS) $$(PKG_LIBS)
+endef
+$(foreach m,$(MAIN_SRC),$(eval $(call PROGRAM_RULE,$(m))))
+
+run: deps all
+	@deploy/run.sh
+
+selftest: deps all
+	AIGW_TESTDATA=$(SHARED)/testdata $(O)/aigw-selftest
+
+selftest-san:
+	@$(MAKE) --no-print-directory SAN=1 all
+	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	    AIGW_TESTDATA=$(SHARED)/testdata $(BUILD)-san/aigw-selftest
+
+integration: deps all
+	AIGW_BUILD=$(abspath $(O)) AIGW_TESTDATA=$(SHARED)/testdata \
+	    $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory selftest
+	@$(MAKE) --no-print-directory selftest-san
+	@$(MAKE) --no-print-directory integration
+
+bench: deps all
+	@tests/bench/run.sh
+
+build-fuzz/%: tests/fuzz/%.c $(CLASS_SRC) $(HEADERS)
+	@mkdir -p build-fuzz
+	clang -std=gnu11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Iproto -Ibroker \
+	    $(PKG_CFLAGS) $< $(filter proto/%,$(CLASS_SRC)) -o $@ $(PKG_LIBS)
+
+fuzz: deps $(FUZZERS)
+	@set -e; for f in $(FUZZERS); do \
+	    n=$$(basename $$f); mkdir -p build-fuzz/corpus/$$n tests/fuzz/seeds/$$n; \
+	    echo "fuzz: $$n for $(FUZZ_TIME)s"; \
+	    if ! ASAN_OPTIONS=allocator_may_return_null=1:max_allocation_size_mb=256 \
+	        $$f -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 \
+	        build-fuzz/corpus/$$n tests/fuzz/seeds/$$n >build-fuzz/$$n.log 2>&1; then \
+	        tail -n 60 build-fuzz/$$n.log; echo "fuzz: $$n FAILED"; exit 1; fi; \
+	    grep -h 'stat::number_of_executed_units' build-fuzz/$$n.log; \
+	done
+
+format:
+	clang-format -i $(foreach d,$(DIRS) tests/c tests/fuzz,$(wildcard $(d)/*.[ch]))
+
+check-format:
+	@clang-format --dry-run --Werror $(foreach d,$(DIRS) tests/c tests/fuzz,$(wildcard $(d)/*.[ch]))
+
+clean:
+	rm -rf build build-san build-fuzz
