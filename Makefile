@@ -17,16 +17,19 @@ PKGS       := libczmq libzmq msgpack hiredis libpq libcurl sqlite3 openssl
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lcivetweb -lm -lpthread
 WARN       := -Wall -Wextra -Werror -Wno-unused-parameter -Wshadow -Wstrict-prototypes
-OPT        := $(if $(filter 1,$(SAN)),-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined,-O2 -g)
+SANFLAGS   := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SANLINK    := -fsanitize=address,undefined
+OPT        := $(if $(filter 1,$(SAN)),$(SANFLAGS),-O2 -g)
 CFLAGS     := -std=gnu11 $(WARN) $(OPT) -D_GNU_SOURCE -Iproto -Ibroker $(PKG_CFLAGS)
-LDFLAGS    := $(if $(filter 1,$(SAN)),-fsanitize=address,undefined,)
+LDFLAGS    := $(if $(filter 1,$(SAN)),$(SANLINK),)
 SHARED     ?= $(abspath ../shared)
 PYTHON     := /usr/bin/python3
 FUZZ_TIME  ?= 20
 
 # Classes: every .c that is not a program main (mains are named aigw_*.c).
 DIRS       := proto broker $(wildcard services/*) edge
-CLASS_SRC  := $(filter-out %/aigw_%.c,$(foreach d,$(DIRS),$(wildcard $(d)/*.c)))
+MAINS_ALL  := $(foreach d,$(DIRS),$(wildcard $(d)/aigw_*.c))
+CLASS_SRC  := $(filter-out $(MAINS_ALL),$(foreach d,$(DIRS),$(wildcard $(d)/*.c)))
 MAIN_SRC   := $(foreach d,$(DIRS) tests/c,$(wildcard $(d)/aigw_*.c))
 CLASS_OBJ  := $(patsubst %.c,$(O)/obj/%.o,$(CLASS_SRC))
 PROGRAMS   := $(foreach m,$(MAIN_SRC),$(O)/$(subst _,-,$(basename $(notdir $(m)))))

@@ -33,6 +33,7 @@ s_run_one (const test_t *test, bool verbose, bool nofork)
         pid_t pid = fork ();
         if (pid == 0) {
             test->fn (verbose);
+            fflush (stdout);
             zsys_shutdown ();
             _exit (0);
         }

@@ -14,6 +14,12 @@
 //  Duplicate keys are passed through. Depth, input size and total value count
 //  are bounded by gw_json_limits_t.
 //
+//  Choices the RFC leaves to implementations: "-0" (an integer literal for
+//  negative zero) packs as the double -0.0 so the sign survives the round
+//  trip ("0" is uint 0); a lone or mispaired surrogate in a \u escape is
+//  rejected; a byte-order mark is rejected; a number that underflows becomes
+//  0.0 (or a subnormal). max_items counts every value packed, keys included.
+//
 //  JSON out escapes ", \, control characters (\b \f \n \r \t, others as
 //  \u00XX); passes valid UTF-8 through; map keys must be strings; bin is
 //  written as a string only if valid UTF-8 (else error); doubles use the

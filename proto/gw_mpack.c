@@ -32,27 +32,27 @@ s_fail (gw_mreader_t *self)
 static inline uint16_t
 s_be16 (const uint8_t *p)
 {
-    return (uint16_t) ((uint16_t) p[0] << 8 | p[1]);
+    return (uint16_t)((uint16_t)p[0] << 8 | p[1]);
 }
 
 static inline uint32_t
 s_be32 (const uint8_t *p)
 {
-    return (uint32_t) p[0] << 24 | (uint32_t) p[1] << 16 | (uint32_t) p[2] << 8 | p[3];
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
 static inline uint64_t
 s_be64 (const uint8_t *p)
 {
-    return (uint64_t) s_be32 (p) << 32 | s_be32 (p + 4);
+    return (uint64_t)s_be32 (p) << 32 | s_be32 (p + 4);
 }
 
 void
 gw_mreader_init (gw_mreader_t *self, const void *data, size_t size)
 {
     assert (self);
-    self->pos = (const uint8_t *) data;
-    self->end = self->pos + (data ? size : 0);
+    self->pos = (const uint8_t *)data;
+    self->end = data ? self->pos + size : self->pos;
     self->error = 0;
 }
 
@@ -60,7 +60,7 @@ gw_mreader_init (gw_mreader_t *self, const void *data, size_t size)
 static inline size_t
 s_lenwidth (uint8_t step)
 {
-    return (size_t) 1 << step;
+    return (size_t)1 << step;
 }
 
 static inline uint32_t
@@ -79,7 +79,7 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
     const uint8_t *p = self->pos;
     const uint8_t *end = self->end;
     uint8_t tag = *p++;
-    size_t left = (size_t) (end - p);
+    size_t left = (size_t)(end - p);
     value->ptr = NULL;
     value->size = 0;
     value->ext_type = 0;
@@ -93,7 +93,7 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
     }
     if (tag >= 0xe0) {
         value->type = GW_MP_INT;
-        value->v.i = (int8_t) tag;
+        value->v.i = (int8_t)tag;
         self->pos = p;
         return 0;
     }
@@ -116,7 +116,7 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
             float f;
             memcpy (&f, &bits, 4);
             value->type = GW_MP_FLOAT;
-            value->v.f = (double) f;
+            value->v.f = (double)f;
             self->pos = p + 4;
             return 0;
         }
@@ -133,7 +133,7 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
         case 0xcd:
         case 0xce:
         case 0xcf: {
-            size_t width = (size_t) 1 << (tag - 0xcc);
+            size_t width = (size_t)1 << (tag - 0xcc);
             if (left < width)
                 return s_fail (self);
             value->type = GW_MP_UINT;
@@ -145,23 +145,21 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
         case 0xd1:
         case 0xd2:
         case 0xd3: {
-            size_t width = (size_t) 1 << (tag - 0xd0);
+            size_t width = (size_t)1 << (tag - 0xd0);
             if (left < width)
                 return s_fail (self);
             int64_t i;
             if (width == 1)
-                i = (int8_t) p[0];
+                i = (int8_t)p[0];
+            else if (width == 2)
+                i = (int16_t)s_be16 (p);
+            else if (width == 4)
+                i = (int32_t)s_be32 (p);
             else
-            if (width == 2)
-                i = (int16_t) s_be16 (p);
-            else
-            if (width == 4)
-                i = (int32_t) s_be32 (p);
-            else
-                i = (int64_t) s_be64 (p);
+                i = (int64_t)s_be64 (p);
             if (i >= 0) {
                 value->type = GW_MP_UINT;
-                value->v.u = (uint64_t) i;
+                value->v.u = (uint64_t)i;
             }
             else {
                 value->type = GW_MP_INT;
@@ -175,32 +173,32 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
         case 0xd6:
         case 0xd7:
         case 0xd8: {
-            size_t size = (size_t) 1 << (tag - 0xd4);
+            size_t size = (size_t)1 << (tag - 0xd4);
             if (left < 1 + size)
                 return s_fail (self);
             value->type = GW_MP_EXT;
-            value->ext_type = (int8_t) p[0];
-            value->ptr = (const char *) p + 1;
-            value->size = (uint32_t) size;
+            value->ext_type = (int8_t)p[0];
+            value->ptr = (const char *)p + 1;
+            value->size = (uint32_t)size;
             self->pos = p + 1 + size;
             return 0;
         }
         case 0xc7:
         case 0xc8:
         case 0xc9: {
-            size_t width = s_lenwidth ((uint8_t) (tag - 0xc7));
+            size_t width = s_lenwidth ((uint8_t)(tag - 0xc7));
             if (left < width + 1)
                 return s_fail (self);
             count = s_readlen (p, width);
             p += width;
             left -= width;
-            value->ext_type = (int8_t) *p++;
+            value->ext_type = (int8_t)*p++;
             left--;
             if (count > left)
                 return s_fail (self);
             value->type = GW_MP_EXT;
-            value->ptr = (const char *) p;
-            value->size = (uint32_t) count;
+            value->ptr = (const char *)p;
+            value->size = (uint32_t)count;
             self->pos = p + count;
             return 0;
         }
@@ -213,13 +211,11 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
         type = GW_MP_MAP;
         count = tag & 0x0f;
     }
-    else
-    if (tag <= 0x9f) {
+    else if (tag <= 0x9f) {
         type = GW_MP_ARRAY;
         count = tag & 0x0f;
     }
-    else
-    if (tag <= 0xbf) {
+    else if (tag <= 0xbf) {
         type = GW_MP_STR;
         count = tag & 0x1f;
     }
@@ -227,20 +223,17 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
         size_t width;
         if (tag >= 0xc4 && tag <= 0xc6) {
             type = GW_MP_BIN;
-            width = s_lenwidth ((uint8_t) (tag - 0xc4));
+            width = s_lenwidth ((uint8_t)(tag - 0xc4));
         }
-        else
-        if (tag >= 0xd9 && tag <= 0xdb) {
+        else if (tag >= 0xd9 && tag <= 0xdb) {
             type = GW_MP_STR;
-            width = s_lenwidth ((uint8_t) (tag - 0xd9));
+            width = s_lenwidth ((uint8_t)(tag - 0xd9));
         }
-        else
-        if (tag == 0xdc || tag == 0xdd) {
+        else if (tag == 0xdc || tag == 0xdd) {
             type = GW_MP_ARRAY;
             width = tag == 0xdc ? 2 : 4;
         }
-        else
-        if (tag == 0xde || tag == 0xdf) {
+        else if (tag == 0xde || tag == 0xdf) {
             type = GW_MP_MAP;
             width = tag == 0xde ? 2 : 4;
         }
@@ -256,15 +249,15 @@ gw_mreader_next (gw_mreader_t *self, gw_mvalue_t *value)
     if (type == GW_MP_STR || type == GW_MP_BIN) {
         if (count > left)
             return s_fail (self);
-        value->ptr = (const char *) p;
-        value->size = (uint32_t) count;
+        value->ptr = (const char *)p;
+        value->size = (uint32_t)count;
         self->pos = p + count;
     }
     else {
         //  Each element is at least one byte; a pair at least two.
         if ((type == GW_MP_MAP ? count * 2 : count) > left)
             return s_fail (self);
-        value->v.count = (uint32_t) count;
+        value->v.count = (uint32_t)count;
         self->pos = p;
     }
     return 0;
@@ -282,9 +275,8 @@ s_skip_values (gw_mreader_t *self, uint64_t pending)
         pending--;
         if (value.type == GW_MP_ARRAY)
             pending += value.v.count;
-        else
-        if (value.type == GW_MP_MAP)
-            pending += (uint64_t) value.v.count * 2;
+        else if (value.type == GW_MP_MAP)
+            pending += (uint64_t)value.v.count * 2;
     }
     return 0;
 }
@@ -304,7 +296,8 @@ s_walk (gw_mreader_t *self, int depth_left, size_t *items_left)
         return 0;
     if (depth_left <= 0)
         return s_fail (self);
-    uint64_t count = value.type == GW_MP_MAP ? (uint64_t) value.v.count * 2 : value.v.count;
+    uint64_t count =
+        value.type == GW_MP_MAP ? (uint64_t)value.v.count * 2 : value.v.count;
     for (uint64_t index = 0; index < count; index++)
         if (s_walk (self, depth_left - 1, items_left))
             return -1;
@@ -323,7 +316,7 @@ size_t
 gw_mreader_left (gw_mreader_t *self)
 {
     assert (self);
-    return (size_t) (self->end - self->pos);
+    return (size_t)(self->end - self->pos);
 }
 
 int
@@ -350,16 +343,15 @@ gw_mreader_find (gw_mreader_t *self, const char *key)
     for (uint32_t index = 0; index < map.v.count; index++) {
         if (gw_mreader_next (self, &item))
             return -1;
-        if (item.type == GW_MP_STR && item.size == key_size
-            && memcmp (item.ptr, key, key_size) == 0)
+        if (item.type == GW_MP_STR && item.size == key_size &&
+            memcmp (item.ptr, key, key_size) == 0)
             return 0;
         //  Skip the rest of a container key, then the value.
         uint64_t pending = 1;
         if (item.type == GW_MP_ARRAY)
             pending += item.v.count;
-        else
-        if (item.type == GW_MP_MAP)
-            pending += (uint64_t) item.v.count * 2;
+        else if (item.type == GW_MP_MAP)
+            pending += (uint64_t)item.v.count * 2;
         if (s_skip_values (self, pending))
             return -1;
     }
@@ -403,7 +395,7 @@ s_check_hex (const char *hex, int max_depth, size_t max_items)
         unsigned int byte;
         int rc = sscanf (hex + i * 2, "%2x", &byte);
         assert (rc == 1);
-        bytes[i] = (uint8_t) byte;
+        bytes[i] = (uint8_t)byte;
     }
     return gw_mpack_check (bytes, size, max_depth, max_items);
 }
@@ -447,13 +439,17 @@ gw_mpack_test (bool verbose)
     assert (gw_mreader_next (&reader, &value) == 0);
     assert (value.type == GW_MP_ARRAY && value.v.count == 17);
     assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_NIL);
-    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_BOOL && value.v.b);
-    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_BOOL && !value.v.b);
-    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT && value.v.u == 5);
+    assert (
+        gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_BOOL && value.v.b);
+    assert (
+        gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_BOOL && !value.v.b);
+    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT &&
+        value.v.u == 5);
     assert (gw_mreader_next (&reader, &value) == 0 && value.v.u == 200);
     assert (gw_mreader_next (&reader, &value) == 0 && value.v.u == 70000);
     assert (gw_mreader_next (&reader, &value) == 0 && value.v.u == UINT64_MAX);
-    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_INT && value.v.i == -3);
+    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_INT &&
+        value.v.i == -3);
     assert (gw_mreader_next (&reader, &value) == 0 && value.v.i == -200);
     assert (gw_mreader_next (&reader, &value) == 0 && value.v.i == INT64_MIN);
     assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_FLOAT);
@@ -467,20 +463,25 @@ gw_mpack_test (bool verbose)
     assert (!gw_mvalue_streq (&value, "\x00\x01\x02"));
     assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_EXT);
     assert (value.ext_type == 7 && value.size == 4 && memcmp (value.ptr, "abcd", 4) == 0);
-    assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP);
+    gw_mreader_t copy = reader;
+    assert (gw_mreader_next (&copy, &value) == 0 && value.type == GW_MP_MAP);
     assert (value.v.count == 1);
-    assert (gw_mreader_skip (&reader, 4) == 0 && gw_mreader_left (&reader) == 1);
+    copy = reader;
+    assert (gw_mreader_skip (&copy, 1) == -1);  //  {"k": []} is two levels
+    assert (copy.error == -1);
+    assert (gw_mreader_skip (&reader, 2) == 0 && gw_mreader_left (&reader) == 1);
     assert (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT);
     assert (value.v.u == 100);
     assert (gw_mreader_left (&reader) == 0);
     //  Past the end: error, and sticky.
     assert (gw_mreader_next (&reader, &value) == -1);
     assert (reader.error == -1);
-    assert (gw_mpack_check (sbuf.data, sbuf.size, 2, 100) == 0);
-    assert (gw_mpack_check (sbuf.data, sbuf.size, 1, 100) == -1);  //  map in array
-    assert (gw_mpack_check (sbuf.data, sbuf.size, 2, 20) == 0);  //  20 values in all
-    assert (gw_mpack_check (sbuf.data, sbuf.size, 2, 19) == -1);
-    assert (gw_mpack_check (sbuf.data, sbuf.size - 1, 2, 100) == -1);  //  truncated
+    //  [... {"k": []} ...] is three levels deep and 20 values in all.
+    assert (gw_mpack_check (sbuf.data, sbuf.size, 3, 100) == 0);
+    assert (gw_mpack_check (sbuf.data, sbuf.size, 2, 100) == -1);
+    assert (gw_mpack_check (sbuf.data, sbuf.size, 3, 20) == 0);
+    assert (gw_mpack_check (sbuf.data, sbuf.size, 3, 19) == -1);
+    assert (gw_mpack_check (sbuf.data, sbuf.size - 1, 3, 100) == -1);  //  truncated
     //  Every strict prefix is malformed, and never read out of bounds.
     for (size_t cut = 0; cut < sbuf.size; cut++)
         assert (gw_mpack_check (sbuf.data, cut, 8, 100) == -1);
@@ -493,14 +494,14 @@ gw_mpack_test (bool verbose)
     assert (s_check_hex ("c6ffffffff", 8, 100) == -1);
     assert (s_check_hex ("c9ffffffff01", 8, 100) == -1);
     assert (s_check_hex ("93010203", 8, 100) == 0);
-    assert (s_check_hex ("94010203", 8, 100) == -1);   //  claims 4, has 3
+    assert (s_check_hex ("94010203", 8, 100) == -1);  //  claims 4, has 3
     assert (s_check_hex ("82a1610181", 8, 100) == -1);  //  map 2 pairs, 3 bytes
-    assert (s_check_hex ("c1", 8, 100) == -1);          //  never-used tag
-    assert (s_check_hex ("0000", 8, 100) == -1);        //  trailing byte
+    assert (s_check_hex ("c1", 8, 100) == -1);  //  never-used tag
+    assert (s_check_hex ("0000", 8, 100) == -1);  //  trailing byte
     assert (s_check_hex ("", 8, 100) == -1);
-    assert (s_check_hex ("d40102", 8, 100) == 0);       //  fixext 1
+    assert (s_check_hex ("d40102", 8, 100) == 0);  //  fixext 1
     assert (s_check_hex ("d401", 8, 100) == -1);
-    assert (s_check_hex ("c70001", 8, 100) == 0);       //  ext 8, empty
+    assert (s_check_hex ("c70001", 8, 100) == 0);  //  ext 8, empty
     assert (s_check_hex ("cb3ff0000000000000", 8, 100) == 0);
     assert (s_check_hex ("cb3ff00000000000", 8, 100) == -1);
     assert (s_check_hex ("d0ff", 8, 100) == 0);
@@ -513,10 +514,11 @@ gw_mpack_test (bool verbose)
     msgpack_unpacked unpacked;
     msgpack_unpacked_init (&unpacked);
     size_t offset = 0;
-    assert (msgpack_unpack_next (&unpacked, sbuf.data, sbuf.size, &offset)
-        == MSGPACK_UNPACK_SUCCESS);
+    assert (msgpack_unpack_next (&unpacked, sbuf.data, sbuf.size, &offset) ==
+        MSGPACK_UNPACK_SUCCESS);
     assert (offset == sbuf.size);
-    assert (unpacked.data.type == MSGPACK_OBJECT_ARRAY && unpacked.data.via.array.size == 17);
+    assert (
+        unpacked.data.type == MSGPACK_OBJECT_ARRAY && unpacked.data.via.array.size == 17);
     msgpack_unpacked_destroy (&unpacked);
 
     //  Find: string keys, skipping container keys and nested values.

@@ -75,7 +75,10 @@ gw_mreader_left (gw_mreader_t *self);
 //  Validate that data holds exactly one well-formed msgpack object of at most
 //  max_depth nesting levels and at most max_items values in total, and nothing
 //  after it. Returns 0 if valid, -1 if not. After this, msgpack-c's unpacker
-//  may be used on the data safely.
+//  may be used on the data safely (its allocations are then bounded by about
+//  48 bytes per input byte); note that msgpack-c itself fails on more than 32
+//  nesting levels (MSGPACK_EMBED_STACK_SIZE), so pass max_depth <= 32 if the
+//  data will be unpacked with it. Recursion is max_depth deep.
 int
 gw_mpack_check (const void *data, size_t size, int max_depth, size_t max_items);
 

@@ -1,0 +1,742 @@
+//  --------------------------------------------------------------------------
+//  gw_envelope — the GWP/1 request envelope (PROTOCOL.md §4).
+//
+//  Design note. The envelope is small (typically < 300 bytes) and decoded
+//  once per stage visit, so the struct holds fixed arrays (no allocation per
+//  slip entry or timing); only tenant/annotation values, which may be any
+//  msgpack, are heap copies. Decoding uses the bounded reader: any bytes are
+//  safe, and on error the envelope is left empty. Unknown keys are skipped,
+//  so newer peers can add keys without breaking older ones.
+
+#include "aigw.h"
+
+#define ATTR_KEY_MAX 63
+
+typedef struct {
+    char key[ATTR_KEY_MAX + 1];  //  attribute name
+    uint8_t *value;              //  raw msgpack value, heap copy + NUL
+    size_t size;                 //  bytes in value
+} s_attr_t;
+
+typedef struct {
+    s_attr_t items[GW_ENVELOPE_ATTRS_MAX];  //  in insertion order
+    size_t count;                           //  items used
+} s_attrs_t;
+
+typedef struct {
+    char service[GW_SERVICE_MAX + 1];  //  stage that recorded it
+    uint64_t t_in;                     //  unix µs the stage received the request
+    uint64_t t_out;                    //  unix µs it passed it on
+} s_timing_t;
+
+struct _gw_envelope_t {
+    uint8_t rid[16];                                     //  request id
+    char slip[GW_ENVELOPE_SLIP_MAX][GW_SERVICE_MAX + 1];  //  routing slip
+    size_t slip_size;                                    //  entries used
+    size_t cursor;                                       //  index of current stage
+    uint64_t deadline;                                   //  unix ms, 0 = none
+    bool stream;                                         //  client wants a stream
+    char *model;                                         //  requested model or NULL
+    char *trace;                                         //  trace id or NULL
+    s_attrs_t tenant;                                    //  principal annotations
+    s_attrs_t ann;                                       //  free annotations
+    s_timing_t timings[GW_ENVELOPE_TIMINGS_MAX];         //  per-stage timings
+    size_t timing_count;                                 //  entries used
+};
+
+gw_envelope_t *
+gw_envelope_new (void)
+{
+    gw_envelope_t *self = (gw_envelope_t *) zmalloc (sizeof (gw_envelope_t));
+    assert (self);
+    return self;
+}
+
+static void
+s_attrs_clear (s_attrs_t *attrs)
+{
+    for (size_t i = 0; i < attrs->count; i++)
+        free (attrs->items[i].value);
+    attrs->count = 0;
+}
+
+static void
+s_clear (gw_envelope_t *self)
+{
+    s_attrs_clear (&self->tenant);
+    s_attrs_clear (&self->ann);
+    free (self->model);
+    free (self->trace);
+    memset (self, 0, sizeof (*self));
+}
+
+void
+gw_envelope_destroy (gw_envelope_t **self_p)
+{
+    assert (self_p);
+    if (*self_p) {
+        s_clear (*self_p);
+        free (*self_p);
+        *self_p = NULL;
+    }
+}
+
+static int
+s_attrs_set (s_attrs_t *attrs, const char *key, size_t key_size, const void *value,
+    size_t size)
+{
+    if (key_size == 0 || key_size > ATTR_KEY_MAX)
+        return -1;
+    s_attr_t *item = NULL;
+    for (size_t i = 0; i < attrs->count; i++)
+        if (strlen (attrs->items[i].key) == key_size &&
+            memcmp (attrs->items[i].key, key, key_size) == 0)
+            item = &attrs->items[i];
+    if (!item) {
+        if (attrs->count == GW_ENVELOPE_ATTRS_MAX)
+            return -1;
+        item = &attrs->items[attrs->count++];
+        memcpy (item->key, key, key_size);
+        item->key[key_size] = 0;
+        item->value = NULL;
+    }
+    uint8_t *copy = (uint8_t *) malloc (size + 1);
+    assert (copy);
+    memcpy (copy, value, size);
+    copy[size] = 0;  //  lets s_get_str return strings in place
+    free (item->value);
+    item->value = copy;
+    item->size = size;
+    return 0;
+}
+
+static const s_attr_t *
+s_attrs_get (const s_attrs_t *attrs, const char *key)
+{
+    for (size_t i = 0; i < attrs->count; i++)
+        if (streq (attrs->items[i].key, key))
+            return &attrs->items[i];
+    return NULL;
+}
+
+//  Decode a map of str -> any into attrs, reader positioned at the map.
+static int
+s_attrs_decode (s_attrs_t *attrs, gw_mreader_t *reader)
+{
+    gw_mvalue_t value;
+    if (gw_mreader_next (reader, &value) || value.type != GW_MP_MAP ||
+        value.v.count > GW_ENVELOPE_ATTRS_MAX)
+        return -1;
+    for (uint32_t i = 0; i < value.v.count; i++) {
+        gw_mvalue_t key;
+        if (gw_mreader_next (reader, &key) || key.type != GW_MP_STR)
+            return -1;
+        const uint8_t *start = reader->pos;
+        if (gw_mreader_skip (reader, GW_ENVELOPE_DEPTH_MAX))
+            return -1;
+        if (s_attrs_set (attrs, key.ptr, key.size, start, (size_t) (reader->pos - start)))
+            return -1;
+    }
+    return 0;
+}
+
+static char *
+s_strndup_valid (const char *ptr, size_t size, size_t max)
+{
+    if (size > max || memchr (ptr, 0, size))
+        return NULL;
+    char *copy = (char *) malloc (size + 1);
+    assert (copy);
+    memcpy (copy, ptr, size);
+    copy[size] = 0;
+    return copy;
+}
+
+static int
+s_decode (gw_envelope_t *self, gw_mreader_t *reader)
+{
+    gw_mvalue_t value;
+    if (gw_mreader_next (reader, &value) || value.type != GW_MP_MAP)
+        return -1;
+    uint32_t pairs = value.v.count;
+    for (uint32_t i = 0; i < pairs; i++) {
+        gw_mvalue_t key;
+        if (gw_mreader_next (reader, &key) || key.type != GW_MP_STR)
+            return -1;
+        if (gw_mvalue_streq (&key, "v")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT || value.v.u != 1)
+                return -1;
+        }
+        else
+        if (gw_mvalue_streq (&key, "id")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_BIN || value.size != 16)
+                return -1;
+            memcpy (self->rid, value.ptr, 16);
+        }
+        else
+        if (gw_mvalue_streq (&key, "slip")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
+                value.v.count > GW_ENVELOPE_SLIP_MAX)
+                return -1;
+            uint32_t count = value.v.count;
+            for (uint32_t s = 0; s < count; s++) {
+                if (gw_mreader_next (reader, &value) || value.type != GW_MP_STR ||
+                    !gw_msg_service_valid (value.ptr, value.size))
+                    return -1;
+                memcpy (self->slip[s], value.ptr, value.size);
+                self->slip[s][value.size] = 0;
+            }
+            self->slip_size = count;
+        }
+        else
+        if (gw_mvalue_streq (&key, "cur")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT ||
+                value.v.u >= GW_ENVELOPE_SLIP_MAX)
+                return -1;
+            self->cursor = (size_t) value.v.u;
+        }
+        else
+        if (gw_mvalue_streq (&key, "dl")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT)
+                return -1;
+            self->deadline = value.v.u;
+        }
+        else
+        if (gw_mvalue_streq (&key, "stream")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_BOOL)
+                return -1;
+            self->stream = value.v.b;
+        }
+        else
+        if (gw_mvalue_streq (&key, "model") || gw_mvalue_streq (&key, "trace")) {
+            bool is_model = key.size == 5 && key.ptr[0] == 'm';
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_STR)
+                return -1;
+            char *text = s_strndup_valid (value.ptr, value.size, is_model ? 256 : 64);
+            if (!text)
+                return -1;
+            char **field = is_model ? &self->model : &self->trace;
+            free (*field);
+            *field = text;
+        }
+        else
+        if (gw_mvalue_streq (&key, "tenant")) {
+            if (s_attrs_decode (&self->tenant, reader))
+                return -1;
+        }
+        else
+        if (gw_mvalue_streq (&key, "ann")) {
+            if (s_attrs_decode (&self->ann, reader))
+                return -1;
+        }
+        else
+        if (gw_mvalue_streq (&key, "t")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
+                value.v.count > GW_ENVELOPE_TIMINGS_MAX)
+                return -1;
+            uint32_t count = value.v.count;
+            for (uint32_t t = 0; t < count; t++) {
+                gw_mvalue_t name, t_in, t_out;
+                if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
+                    value.v.count != 3 || gw_mreader_next (reader, &name) ||
+                    name.type != GW_MP_STR || !gw_msg_service_valid (name.ptr, name.size) ||
+                    gw_mreader_next (reader, &t_in) || t_in.type != GW_MP_UINT ||
+                    gw_mreader_next (reader, &t_out) || t_out.type != GW_MP_UINT)
+                    return -1;
+                s_timing_t *timing = &self->timings[t];
+                memcpy (timing->service, name.ptr, name.size);
+                timing->service[name.size] = 0;
+                timing->t_in = t_in.v.u;
+                timing->t_out = t_out.v.u;
+            }
+            self->timing_count = count;
+        }
+        else
+        if (gw_mreader_skip (reader, GW_ENVELOPE_DEPTH_MAX))
+            return -1;
+    }
+    return 0;
+}
+
+int
+gw_envelope_decode (gw_envelope_t *self, const void *data, size_t size)
+{
+    assert (self);
+    s_clear (self);
+    if (size > GW_ENVELOPE_MAX)
+        return -1;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, data, size);
+    if (s_decode (self, &reader) || gw_mreader_left (&reader) != 0 ||
+        self->cursor > self->slip_size) {
+        s_clear (self);
+        return -1;
+    }
+    return 0;
+}
+
+static void
+s_pack_attrs (msgpack_packer *pk, const char *name, const s_attrs_t *attrs)
+{
+    gw_mpack_str (pk, name);
+    msgpack_pack_map (pk, attrs->count);
+    for (size_t i = 0; i < attrs->count; i++) {
+        gw_mpack_str (pk, attrs->items[i].key);
+        //  Raw msgpack bytes go straight into the buffer.
+        msgpack_sbuffer_write (pk->data, (const char *) attrs->items[i].value,
+            attrs->items[i].size);
+    }
+}
+
+zframe_t *
+gw_envelope_encode (gw_envelope_t *self)
+{
+    assert (self);
+    msgpack_sbuffer buffer;
+    msgpack_sbuffer_init (&buffer);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &buffer, msgpack_sbuffer_write);
+    static const uint8_t zero[16];
+    bool has_rid = memcmp (self->rid, zero, 16) != 0;
+    size_t keys = 1 + has_rid + (self->slip_size > 0) * 2 + (self->deadline > 0) +
+        self->stream + (self->model != NULL) + (self->trace != NULL) +
+        (self->tenant.count > 0) + (self->ann.count > 0) + (self->timing_count > 0);
+    msgpack_pack_map (&pk, keys);
+    gw_mpack_str (&pk, "v");
+    msgpack_pack_uint8 (&pk, 1);
+    if (has_rid) {
+        gw_mpack_str (&pk, "id");
+        msgpack_pack_bin (&pk, 16);
+        msgpack_pack_bin_body (&pk, self->rid, 16);
+    }
+    if (self->slip_size > 0) {
+        gw_mpack_str (&pk, "slip");
+        msgpack_pack_array (&pk, self->slip_size);
+        for (size_t i = 0; i < self->slip_size; i++)
+            gw_mpack_str (&pk, self->slip[i]);
+        gw_mpack_str (&pk, "cur");
+        msgpack_pack_uint64 (&pk, self->cursor);
+    }
+    if (self->deadline > 0) {
+        gw_mpack_str (&pk, "dl");
+        msgpack_pack_uint64 (&pk, self->deadline);
+    }
+    if (self->stream) {
+        gw_mpack_str (&pk, "stream");
+        msgpack_pack_true (&pk);
+    }
+    if (self->model) {
+        gw_mpack_str (&pk, "model");
+        gw_mpack_str (&pk, self->model);
+    }
+    if (self->trace) {
+        gw_mpack_str (&pk, "trace");
+        gw_mpack_str (&pk, self->trace);
+    }
+    if (self->tenant.count > 0)
+        s_pack_attrs (&pk, "tenant", &self->tenant);
+    if (self->ann.count > 0)
+        s_pack_attrs (&pk, "ann", &self->ann);
+    if (self->timing_count > 0) {
+        gw_mpack_str (&pk, "t");
+        msgpack_pack_array (&pk, self->timing_count);
+        for (size_t i = 0; i < self->timing_count; i++) {
+            msgpack_pack_array (&pk, 3);
+            gw_mpack_str (&pk, self->timings[i].service);
+            msgpack_pack_uint64 (&pk, self->timings[i].t_in);
+            msgpack_pack_uint64 (&pk, self->timings[i].t_out);
+        }
+    }
+    zframe_t *frame = zframe_new (buffer.data, buffer.size);
+    msgpack_sbuffer_destroy (&buffer);
+    return frame;
+}
+
+const uint8_t *
+gw_envelope_rid (gw_envelope_t *self)
+{
+    return self->rid;
+}
+
+void
+gw_envelope_set_rid (gw_envelope_t *self, const uint8_t rid[16])
+{
+    memcpy (self->rid, rid, 16);
+}
+
+int
+gw_envelope_slip_append (gw_envelope_t *self, const char *service)
+{
+    size_t size = service ? strlen (service) : 0;
+    if (self->slip_size == GW_ENVELOPE_SLIP_MAX || !gw_msg_service_valid (service, size))
+        return -1;
+    memcpy (self->slip[self->slip_size++], service, size + 1);
+    return 0;
+}
+
+size_t
+gw_envelope_slip_size (gw_envelope_t *self)
+{
+    return self->slip_size;
+}
+
+const char *
+gw_envelope_slip (gw_envelope_t *self, size_t index)
+{
+    return index < self->slip_size ? self->slip[index] : NULL;
+}
+
+void
+gw_envelope_slip_truncate (gw_envelope_t *self)
+{
+    if (self->slip_size > self->cursor + 1)
+        self->slip_size = self->cursor + 1;
+}
+
+size_t
+gw_envelope_cursor (gw_envelope_t *self)
+{
+    return self->cursor;
+}
+
+void
+gw_envelope_set_cursor (gw_envelope_t *self, size_t cursor)
+{
+    self->cursor = cursor;
+}
+
+const char *
+gw_envelope_next (gw_envelope_t *self)
+{
+    return gw_envelope_slip (self, self->cursor + 1);
+}
+
+uint64_t
+gw_envelope_deadline (gw_envelope_t *self)
+{
+    return self->deadline;
+}
+
+void
+gw_envelope_set_deadline (gw_envelope_t *self, uint64_t deadline_ms)
+{
+    self->deadline = deadline_ms;
+}
+
+bool
+gw_envelope_stream (gw_envelope_t *self)
+{
+    return self->stream;
+}
+
+void
+gw_envelope_set_stream (gw_envelope_t *self, bool stream)
+{
+    self->stream = stream;
+}
+
+const char *
+gw_envelope_model (gw_envelope_t *self)
+{
+    return self->model;
+}
+
+void
+gw_envelope_set_model (gw_envelope_t *self, const char *model)
+{
+    free (self->model);
+    self->model = model ? strdup (model) : NULL;
+}
+
+const char *
+gw_envelope_trace (gw_envelope_t *self)
+{
+    return self->trace;
+}
+
+void
+gw_envelope_set_trace (gw_envelope_t *self, const char *trace)
+{
+    free (self->trace);
+    self->trace = trace ? strdup (trace) : NULL;
+}
+
+//  Pack one string or integer into a small buffer and store it.
+static int
+s_set_str (s_attrs_t *attrs, const char *key, const char *value)
+{
+    msgpack_sbuffer buffer;
+    msgpack_sbuffer_init (&buffer);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &buffer, msgpack_sbuffer_write);
+    gw_mpack_str (&pk, value ? value : "");
+    int rc = s_attrs_set (attrs, key, strlen (key), buffer.data, buffer.size);
+    msgpack_sbuffer_destroy (&buffer);
+    return rc;
+}
+
+static int
+s_set_int (s_attrs_t *attrs, const char *key, int64_t value)
+{
+    msgpack_sbuffer buffer;
+    msgpack_sbuffer_init (&buffer);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &buffer, msgpack_sbuffer_write);
+    msgpack_pack_int64 (&pk, value);
+    int rc = s_attrs_set (attrs, key, strlen (key), buffer.data, buffer.size);
+    msgpack_sbuffer_destroy (&buffer);
+    return rc;
+}
+
+//  A STR value's bytes are the last bytes of its msgpack encoding, and every
+//  stored value has a NUL after it (s_attrs_set), so the string can be
+//  returned in place.
+static const char *
+s_get_str (const s_attrs_t *attrs, const char *key)
+{
+    const s_attr_t *item = s_attrs_get (attrs, key);
+    if (!item)
+        return NULL;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, item->value, item->size);
+    gw_mvalue_t value;
+    if (gw_mreader_next (&reader, &value) || value.type != GW_MP_STR ||
+        memchr (value.ptr, 0, value.size))
+        return NULL;
+    return value.ptr;
+}
+
+static int64_t
+s_get_int (const s_attrs_t *attrs, const char *key, int64_t fallback)
+{
+    const s_attr_t *item = s_attrs_get (attrs, key);
+    if (!item)
+        return fallback;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, item->value, item->size);
+    gw_mvalue_t value;
+    if (gw_mreader_next (&reader, &value))
+        return fallback;
+    if (value.type == GW_MP_INT)
+        return value.v.i;
+    if (value.type == GW_MP_UINT && value.v.u <= INT64_MAX)
+        return (int64_t) value.v.u;
+    return fallback;
+}
+
+int
+gw_envelope_set_tenant_str (gw_envelope_t *self, const char *key, const char *value)
+{
+    return s_set_str (&self->tenant, key, value);
+}
+
+int
+gw_envelope_set_tenant_int (gw_envelope_t *self, const char *key, int64_t value)
+{
+    return s_set_int (&self->tenant, key, value);
+}
+
+const char *
+gw_envelope_tenant_str (gw_envelope_t *self, const char *key)
+{
+    return s_get_str (&self->tenant, key);
+}
+
+int64_t
+gw_envelope_tenant_int (gw_envelope_t *self, const char *key, int64_t fallback)
+{
+    return s_get_int (&self->tenant, key, fallback);
+}
+
+int
+gw_envelope_set_ann_str (gw_envelope_t *self, const char *key, const char *value)
+{
+    return s_set_str (&self->ann, key, value);
+}
+
+int
+gw_envelope_set_ann_int (gw_envelope_t *self, const char *key, int64_t value)
+{
+    return s_set_int (&self->ann, key, value);
+}
+
+int
+gw_envelope_set_ann_raw (gw_envelope_t *self, const char *key, const void *data, size_t size)
+{
+    if (gw_mpack_check (data, size, GW_ENVELOPE_DEPTH_MAX, 4096))
+        return -1;
+    return s_attrs_set (&self->ann, key, strlen (key), data, size);
+}
+
+const char *
+gw_envelope_ann_str (gw_envelope_t *self, const char *key)
+{
+    return s_get_str (&self->ann, key);
+}
+
+int64_t
+gw_envelope_ann_int (gw_envelope_t *self, const char *key, int64_t fallback)
+{
+    return s_get_int (&self->ann, key, fallback);
+}
+
+const void *
+gw_envelope_ann_raw (gw_envelope_t *self, const char *key, size_t *size_p)
+{
+    const s_attr_t *item = s_attrs_get (&self->ann, key);
+    if (!item)
+        return NULL;
+    if (size_p)
+        *size_p = item->size;
+    return item->value;
+}
+
+int
+gw_envelope_timing_add (gw_envelope_t *self, const char *service, uint64_t t_in_us,
+    uint64_t t_out_us)
+{
+    size_t size = service ? strlen (service) : 0;
+    if (self->timing_count == GW_ENVELOPE_TIMINGS_MAX || !gw_msg_service_valid (service, size))
+        return -1;
+    s_timing_t *timing = &self->timings[self->timing_count++];
+    memcpy (timing->service, service, size + 1);
+    timing->t_in = t_in_us;
+    timing->t_out = t_out_us;
+    return 0;
+}
+
+size_t
+gw_envelope_timings (gw_envelope_t *self)
+{
+    return self->timing_count;
+}
+
+const char *
+gw_envelope_timing (gw_envelope_t *self, size_t index, uint64_t *t_in_us, uint64_t *t_out_us)
+{
+    if (index >= self->timing_count)
+        return NULL;
+    if (t_in_us)
+        *t_in_us = self->timings[index].t_in;
+    if (t_out_us)
+        *t_out_us = self->timings[index].t_out;
+    return self->timings[index].service;
+}
+
+//  --------------------------------------------------------------------------
+//  Self test
+
+void
+gw_envelope_test (bool verbose)
+{
+    printf (" * gw_envelope: ");
+    gw_envelope_t *env = gw_envelope_new ();
+    uint8_t rid[16];
+    gw_rid_new (rid);
+    gw_envelope_set_rid (env, rid);
+    assert (gw_envelope_slip_append (env, "auth") == 0);
+    assert (gw_envelope_slip_append (env, "ratelimit") == 0);
+    assert (gw_envelope_slip_append (env, "router") == 0);
+    assert (gw_envelope_slip_append (env, "bad name") == -1);
+    assert (streq (gw_envelope_next (env), "ratelimit"));
+    gw_envelope_set_deadline (env, 1700000000000ULL);
+    gw_envelope_set_stream (env, true);
+    gw_envelope_set_model (env, "gpt-4o-mini");
+    gw_envelope_set_trace (env, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert (gw_envelope_set_tenant_str (env, "user", "alice") == 0);
+    assert (gw_envelope_set_tenant_int (env, "key", 42) == 0);
+    assert (gw_envelope_set_tenant_str (env, "user", "bob") == 0);  //  replace
+    assert (gw_envelope_set_ann_str (env, "route", "openai-1") == 0);
+    assert (gw_envelope_set_ann_int (env, "neg", -5) == 0);
+    assert (gw_envelope_set_ann_raw (env, "map", "\x81\xa1k\x01", 4) == 0);
+    assert (gw_envelope_set_ann_raw (env, "bad", "\xdd\xff\xff\xff\xff", 5) == -1);
+    assert (gw_envelope_timing_add (env, "auth", 10, 20) == 0);
+
+    zframe_t *frame = gw_envelope_encode (env);
+    assert (frame);
+    if (verbose)
+        printf ("(%zu bytes) ", zframe_size (frame));
+    gw_envelope_t *copy = gw_envelope_new ();
+    assert (gw_envelope_decode (copy, zframe_data (frame), zframe_size (frame)) == 0);
+    assert (memcmp (gw_envelope_rid (copy), rid, 16) == 0);
+    assert (gw_envelope_slip_size (copy) == 3);
+    assert (streq (gw_envelope_slip (copy, 2), "router"));
+    assert (gw_envelope_cursor (copy) == 0);
+    assert (gw_envelope_deadline (copy) == 1700000000000ULL);
+    assert (gw_envelope_stream (copy));
+    assert (streq (gw_envelope_model (copy), "gpt-4o-mini"));
+    assert (streq (gw_envelope_trace (copy), "4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert (streq (gw_envelope_tenant_str (copy, "user"), "bob"));
+    assert (streq (gw_envelope_tenant_str (copy, "user"), "bob"));  //  stable
+    assert (gw_envelope_tenant_int (copy, "key", 0) == 42);
+    assert (gw_envelope_tenant_str (copy, "key") == NULL);
+    assert (gw_envelope_tenant_int (copy, "missing", -1) == -1);
+    assert (streq (gw_envelope_ann_str (copy, "route"), "openai-1"));
+    assert (gw_envelope_ann_int (copy, "neg", 0) == -5);
+    size_t size;
+    const void *raw = gw_envelope_ann_raw (copy, "map", &size);
+    assert (raw && size == 4 && memcmp (raw, "\x81\xa1k\x01", 4) == 0);
+    uint64_t t_in, t_out;
+    assert (streq (gw_envelope_timing (copy, 0, &t_in, &t_out), "auth"));
+    assert (t_in == 10 && t_out == 20);
+
+    //  Cursor moves; re-encoding an envelope decoded from bytes gives the
+    //  same bytes.
+    gw_envelope_set_cursor (copy, 1);
+    assert (streq (gw_envelope_next (copy), "router"));
+    gw_envelope_set_cursor (copy, 2);
+    assert (gw_envelope_next (copy) == NULL);
+    gw_envelope_set_cursor (copy, 0);
+    zframe_t *again = gw_envelope_encode (copy);
+    assert (zframe_eq (frame, again));
+    zframe_destroy (&again);
+    gw_envelope_set_cursor (copy, 1);
+    gw_envelope_slip_truncate (copy);
+    assert (gw_envelope_slip_size (copy) == 2);
+
+    //  Unknown keys are skipped.
+    const char with_unknown[] = "\x82\xa1v\x01\xa3zzz\x92\x01\xa1x";
+    assert (gw_envelope_decode (copy, with_unknown, sizeof (with_unknown) - 1) == 0);
+    assert (gw_envelope_slip_size (copy) == 0);
+
+    //  Hostile or wrong inputs are refused and leave the envelope empty.
+    struct {
+        const char *data;
+        size_t size;
+    } bad[] = {
+        {"", 0},
+        {"\x90", 1},                          //  not a map
+        {"\x81\xa1v\x02", 4},                 //  version 2
+        {"\x81\xa2id\xc4\x03" "abc", 8},         //  short id
+        {"\x81\xa4slip\x91\xa3" "a b", 10},      //  invalid service
+        {"\x81\xa4slip\xdd\xff\xff\xff\xff", 10},  //  huge count
+        {"\x81\xa3" "cur\x05", 6},               //  cursor past the slip
+        {"\x81\xa6stream\x01", 9},            //  wrong type
+        {"\x81\xa1v\x01\x00", 5},             //  trailing bytes
+        {"\x82\xa1v\x01", 4},                 //  truncated
+        {"\x81\xa6tenant\x81\x01\x02", 11},   //  non-string key
+    };
+    for (size_t i = 0; i < sizeof (bad) / sizeof (bad[0]); i++) {
+        gw_envelope_set_model (copy, "x");
+        int rc = gw_envelope_decode (copy, bad[i].data, bad[i].size);
+        if (verbose && rc == 0)
+            printf ("bad[%zu] accepted ", i);
+        assert (rc == -1);
+        assert (gw_envelope_model (copy) == NULL);
+    }
+    //  Depth bound on skipped values.
+    uint8_t deep[64];
+    deep[0] = 0x81;
+    deep[1] = 0xa1;
+    deep[2] = 'z';
+    for (int i = 3; i < 63; i++)
+        deep[i] = 0x91;
+    deep[63] = 0x01;
+    assert (gw_envelope_decode (copy, deep, sizeof (deep)) == -1);
+
+    zframe_destroy (&frame);
+    gw_envelope_destroy (&copy);
+    gw_envelope_destroy (&env);
+    assert (env == NULL);
+    printf ("OK\n");
+}
