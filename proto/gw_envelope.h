@@ -107,6 +107,11 @@ gw_envelope_ann_int (gw_envelope_t *self, const char *key, int64_t fallback);
 const void *
 gw_envelope_ann_raw (gw_envelope_t *self, const char *key, size_t *size_p);
 
+//  Remove an annotation (e.g. the client's credential, once auth has used
+//  it). Returns 0 if it was there, -1 if not.
+int
+gw_envelope_remove_ann (gw_envelope_t *self, const char *key);
+
 //  Per-stage timings: append (service, µs in, µs out); -1 when full.
 int
 gw_envelope_timing_add (gw_envelope_t *self, const char *service, uint64_t t_in_us,
