@@ -15,9 +15,11 @@
 //    any         deadline passed       CANCEL(504), local FINAL 504 -
 //    any         broker lost           local FINAL 502              -
 //
-//  Connection: PING when idle for heartbeat; broker silent for expiry =
-//  lost: every request in flight completes with a local FINAL 502 and the
-//  session reconnects on a fresh socket (back-off as gw_worker).
+//  Connection: PING when nothing was sent, or nothing heard, for heartbeat;
+//  broker silent for expiry, a DISCONNECT, or the socket monitor reporting
+//  the connection dropped = lost: every request in flight completes with a
+//  local FINAL 502 (code broker_lost) and the session reconnects on a fresh
+//  socket (back-off as gw_worker).
 //  Messages for unknown rids (late, after cancel/deadline) are dropped.
 //
 //  Threading: one thread owns the session.
@@ -53,9 +55,15 @@ zsock_t *
 gw_client_socket (gw_client_t *self);
 
 //  Send a REQUEST (id, rid, service, deadline, window, flags, envelope and
-//  body set by the caller). Takes ownership of *request_p. Returns 0, or -1
-//  if it could not be sent (duplicate rid in flight, or the socket refused) —
-//  the request is not tracked then.
+//  body set by the caller). Takes ownership of *request_p in every case.
+//  Returns 0, or -1 if it could not be sent (duplicate rid in flight, the
+//  session is waiting out a reconnect back-off, or the socket refused it,
+//  e.g. at the high-water mark) — the request is not tracked then. While
+//  the session is connecting (just created, or reconnecting) requests are
+//  held in order, at most 10000, and leave as soon as the link is up; they
+//  are tracked like any other (504 at the deadline, 502 if the broker is
+//  lost). A request already past its deadline completes at once with a
+//  local FINAL 504 and is not sent.
 int
 gw_client_send (gw_client_t *self, gw_msg_t **request_p);
 

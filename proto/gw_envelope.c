@@ -692,7 +692,7 @@ gw_envelope_test (bool verbose)
     size_t size;
     const void *raw = gw_envelope_ann_raw (copy, "map", &size);
     assert (raw && size == 4 && memcmp (raw, "\x81\xa1k\x01", 4) == 0);
-    uint64_t t_in, t_out;
+    uint64_t t_in = 0, t_out = 0;
     assert (streq (gw_envelope_timing (copy, 0, &t_in, &t_out), "auth"));
     assert (t_in == 10 && t_out == 20);
     assert (gw_envelope_remove_ann (copy, "route") == 0);

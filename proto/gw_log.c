@@ -93,7 +93,7 @@ gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
     clock_gettime (CLOCK_REALTIME, &ts);
     struct tm tm;
     gmtime_r (&ts.tv_sec, &tm);
-    char stamp[40];
+    char stamp[64];
     snprintf (stamp, sizeof (stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
         tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
 

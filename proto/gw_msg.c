@@ -130,8 +130,14 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
     if (id < GW_MSG_READY || id > GW_MSG_DISCONNECT)
         FAIL ("unknown command");
     self->id = id;
-    if (count - 2 < s_frames[id])
+    if (count - 2 < s_frames[id]) {
+        //  Still read the rid if it is there, so the broker can answer.
+        if (id != GW_MSG_READY && count > 2 && zframe_size (frames[2]) == 16) {
+            memcpy (self->rid, zframe_data (frames[2]), 16);
+            self->has_rid = true;
+        }
         FAIL ("too few frames for command");
+    }
     //  Every command with frames beyond the command has the rid first,
     //  except READY.
     if (s_frames[id] > 0 && id != GW_MSG_READY) {
@@ -269,8 +275,9 @@ gw_msg_recv (gw_msg_t *self, zsock_t *input)
     }
     int rc;
     if (overflow) {
+        //  Decode the first frames anyway: the rid may be readable.
+        s_decode (self, frames + start, count - start);
         self->reason = "too many frames";
-        self->has_rid = false;
         rc = GW_MSG_MALFORMED;
     }
     else

@@ -6,12 +6,17 @@
 //
 //    state        event             action                         next
 //    -----------  ----------------  -----------------------------  ----------
-//    connecting   (enter)           new socket, connect, READY     ready
+//    connecting   (enter)           new socket, connect            connecting
+//    connecting   greet             READY (retried every 10 ms     ready
+//                                   until the handshake is done)
 //    ready        any input         liveness = now                 ready
 //    ready        PING              PONG                           ready
 //    ready        DISCONNECT        close socket, back off         waiting
 //    ready        expired           close socket, back off         waiting
-//    ready        heartbeat         PING if nothing sent lately    ready
+//    ready        heartbeat         PING if nothing sent, or       ready
+//                                   nothing heard, for heartbeat
+//    ready        link lost         close socket, back off         waiting
+//                 (socket monitor DISCONNECTED after CONNECTED)
 //    waiting      backoff elapsed   -                              connecting
 //
 //  Back-off doubles from reconnect_min to reconnect_max and resets after the
@@ -48,7 +53,9 @@ void
 gw_worker_destroy (gw_worker_t **self_p);
 
 //  Options (call before the first recv; defaults 1000/3000 ms, 1000/32000 ms,
-//  label "host:pid", body max GW_BODY_MAX_DEFAULT).
+//  label "host:pid", body max GW_BODY_MAX_DEFAULT). new connects at once but
+//  READY leaves from the first recv/tick/wait, so label and capacity set
+//  here are in it; the ZMTP heartbeat options apply from the next socket.
 void
 gw_worker_set_heartbeat (gw_worker_t *self, int heartbeat_ms, int expiry_ms);
 void
@@ -95,8 +102,9 @@ int
 gw_worker_partial (gw_worker_t *self, const uint8_t rid[16], const void *data, size_t size);
 
 //  Send the FINAL for a request (takes ownership of *envelope_p and *body_p,
-//  either may be NULL) and forget the request. Returns 0, or -1 if the rid is
-//  unknown (e.g. abandoned by a reconnect) — nothing is sent then.
+//  either may be NULL, in every case) and forget the request. Returns 0, or
+//  -1 if the rid is unknown (e.g. abandoned by a reconnect) — nothing is sent
+//  then — or if the socket refused the frame set (the request is forgotten).
 int
 gw_worker_final (gw_worker_t *self, const uint8_t rid[16], uint16_t status,
     zframe_t **envelope_p, zframe_t **body_p);
@@ -108,7 +116,8 @@ gw_worker_error (gw_worker_t *self, const uint8_t rid[16], uint16_t status, cons
     const char *code, const char *message);
 
 //  FORWARD a request to the next service of its slip: advances the cursor of
-//  envelope, encodes it, sends FORWARD with the request's rid, deadline,
+//  envelope, appends this stage's timing (service, µs at REQUEST receipt,
+//  µs now), encodes it, sends FORWARD with the request's rid, deadline,
 //  window, flags and body (shared, not copied), and forgets the request.
 //  The caller keeps ownership of request and envelope. Returns 0, or -1 if
 //  the slip has no next service or the rid is unknown.

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The process launcher behind `make run`: starts every process listed in
+# deploy/aigw.procs (or $AIGW_PROCS), prefixes each line of their output with
+# the process name, restarts a process that exits (after 1 s, doubling up to
+# 30 s while it keeps crashing within 10 s of starting), and stops everything
+# on Ctrl-C / SIGTERM.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export BUILD=${AIGW_BUILD:-build}
+procs=${AIGW_PROCS:-deploy/aigw.procs}
+mkdir -p var
+stopping=0
+children=()
+
+supervise() {  # name, command...
+    local name=$1; shift
+    local delay=1
+    while [ "$stopping" = 0 ]; do
+        local started=$SECONDS
+        "$@" 2>&1 | sed -u "s/^/[$name] /" &
+        local pid=$!
+        wait "$pid"
+        local rc=${PIPESTATUS[0]}
+        [ "$stopping" = 1 ] && break
+        if [ $((SECONDS - started)) -ge 10 ]; then delay=1; fi
+        echo "[run] $name exited (status $rc); restarting in ${delay}s"
+        sleep "$delay"
+        delay=$((delay * 2)); [ "$delay" -gt 30 ] && delay=30
+    done
+}
+
+stop_all() {
+    stopping=1
+    echo "[run] stopping"
+    # Each supervisor runs in its own process group: signal the whole group.
+    for pid in "${children[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    wait 2>/dev/null
+    exit 0
+}
+trap stop_all INT TERM
+
+set -m  # job control: each background supervisor gets its own process group
+while read -r name cmd; do
+    case "$name" in ''|'#'*) continue ;; esac
+    cmd=$(eval echo "$cmd")
+    prog=${cmd%% *}
+    if [ ! -x "$prog" ]; then
+        echo "[run] $name: $prog is not built yet; skipped"
+        continue
+    fi
+    supervise "$name" $cmd &
+    children+=($!)
+done < "$procs"
+set +m
+echo "[run] started ${#children[@]} process(es); Ctrl-C stops them"
+wait
