@@ -106,7 +106,7 @@ fuzz: deps $(FUZZERS)
 	    n=$$(basename $$f); mkdir -p build-fuzz/corpus/$$n tests/fuzz/seeds/$$n; \
 	    echo "fuzz: $$n for $(FUZZ_TIME)s"; \
 	    if ! ASAN_OPTIONS=allocator_may_return_null=1:max_allocation_size_mb=256 \
-	        $$f -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 \
+	        $$f -max_total_time=$(FUZZ_TIME) -max_len=65536 -print_final_stats=1 -artifact_prefix=build-fuzz/ \
 	        build-fuzz/corpus/$$n tests/fuzz/seeds/$$n >build-fuzz/$$n.log 2>&1; then \
 	        tail -n 60 build-fuzz/$$n.log; echo "fuzz: $$n FAILED"; exit 1; fi; \
 	    grep -h 'stat::number_of_executed_units' build-fuzz/$$n.log; \

@@ -85,7 +85,7 @@ static int
 s_attrs_set (s_attrs_t *attrs, const char *key, size_t key_size, const void *value,
     size_t size)
 {
-    if (key_size == 0 || key_size > ATTR_KEY_MAX)
+    if (key_size == 0 || key_size > ATTR_KEY_MAX || memchr (key, 0, key_size))
         return -1;
     s_attr_t *item = NULL;
     for (size_t i = 0; i < attrs->count; i++)
@@ -741,6 +741,7 @@ gw_envelope_test (bool verbose)
         {"\x81\xa1v\x01\x00", 5},             //  trailing bytes
         {"\x82\xa1v\x01", 4},                 //  truncated
         {"\x81\xa6tenant\x81\x01\x02", 11},   //  non-string key
+        {"\x81\xa6tenant\x81\xa2k\x00\x01", 13},  //  NUL in a key (fuzz find)
     };
     for (size_t i = 0; i < sizeof (bad) / sizeof (bad[0]); i++) {
         gw_envelope_set_model (copy, "x");

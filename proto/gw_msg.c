@@ -227,9 +227,14 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
             break;
         }
         case GW_MSG_PING:
-            //  Optional role frame; absent or odd-sized counts as a client.
-            self->role = count > 2 && zframe_size (frames[2]) == 1 ? (char) zframe_data (frames[2])[0]
-                                                                   : 'C';
+            //  Optional role frame; absent, odd-sized or unknown counts as a
+            //  client.
+            self->role = 'C';
+            if (count > 2 && zframe_size (frames[2]) == 1) {
+                char role = (char) zframe_data (frames[2])[0];
+                if (role == 'W' || role == 'B')
+                    self->role = role;
+            }
             break;
         default:
             break;
