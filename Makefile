@@ -6,6 +6,7 @@
 #   make test       selftests (plain and ASan+UBSan), integration tests
 #   make bench      benchmarks (not tests); results go to docs/PERFORMANCE.md
 #   make fuzz       every libFuzzer target for FUZZ_TIME seconds each
+#   make lint       clang-format check and cppcheck on the project's C
 #   make SAN=1 ...  the same build with ASan+UBSan, into build-san/
 
 SHELL      := /bin/bash
@@ -37,7 +38,7 @@ HEADERS    := $(foreach d,$(DIRS),$(wildcard $(d)/*.h))
 FUZZ_SRC   := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS    := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps run test selftest selftest-san integration bench fuzz clean format check-format
+.PHONY: all deps run test selftest selftest-san integration bench fuzz clean format lint
 .DEFAULT_GOAL := all
 
 all: $(PROGRAMS)
@@ -89,6 +90,7 @@ integration: deps all
 
 test: deps
 	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory selftest
 	@$(MAKE) --no-print-directory selftest-san
 	@$(MAKE) --no-print-directory integration
@@ -112,11 +114,17 @@ fuzz: deps $(FUZZERS)
 	    grep -h 'stat::number_of_executed_units' build-fuzz/$$n.log; \
 	done
 
-format:
-	clang-format -i $(foreach d,$(DIRS) tests/c tests/fuzz,$(wildcard $(d)/*.[ch]))
+C_FILES    := $(foreach d,$(DIRS) tests/c tests/fuzz,$(wildcard $(d)/*.[ch]))
 
-check-format:
-	@clang-format --dry-run --Werror $(foreach d,$(DIRS) tests/c tests/fuzz,$(wildcard $(d)/*.[ch]))
+format:
+	clang-format -i $(C_FILES)
+
+# Static checks on the project's own code: formatting and cppcheck.
+lint:
+	@clang-format --dry-run --Werror $(C_FILES) && echo "lint: clang-format clean"
+	@cppcheck --quiet --enable=warning,portability --std=c11 --inline-suppr --error-exitcode=1 \
+	    -D__GNUC__ -Iproto -Ibroker --suppress=missingIncludeSystem \
+	    --suppress=assertWithSideEffect $(filter %.c,$(C_FILES)) && echo "lint: cppcheck clean"
 
 clean:
 	rm -rf build build-san build-fuzz

@@ -15,11 +15,11 @@
 #define AIGW_VERSION "0.1.0"
 
 //  Stage handler outcomes, as nginx phases.
-#define GW_OK       0
-#define GW_DONE     1
-#define GW_AGAIN    2
+#define GW_OK 0
+#define GW_DONE 1
+#define GW_AGAIN 2
 #define GW_DECLINED 3
-#define GW_ERROR    -1
+#define GW_ERROR -1
 
 #include "gw_util.h"
 #include "gw_log.h"

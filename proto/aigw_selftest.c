@@ -56,8 +56,7 @@ main (int argc, char *argv[])
     for (; argn < argc && argv[argn][0] == '-'; argn++) {
         if (streq (argv[argn], "-v"))
             verbose = true;
-        else
-        if (streq (argv[argn], "-n"))
+        else if (streq (argv[argn], "-n"))
             nofork = true;
         else {
             fprintf (stderr, "usage: aigw-selftest [-v] [-n] [name ...]\n");

@@ -35,24 +35,18 @@ typedef struct _gw_client_t gw_client_t;
 typedef struct _gw_msg_t gw_msg_t;
 
 //  Create a session connected to the broker at endpoint. NULL on bad endpoint.
-gw_client_t *
-gw_client_new (const char *endpoint);
+gw_client_t *gw_client_new (const char *endpoint);
 
 //  Destroy; requests in flight are cancelled (CANCEL 499 sent) first.
-void
-gw_client_destroy (gw_client_t **self_p);
+void gw_client_destroy (gw_client_t **self_p);
 
 //  Options (defaults 1000/3000 ms, 1000/32000 ms).
-void
-gw_client_set_heartbeat (gw_client_t *self, int heartbeat_ms, int expiry_ms);
-void
-gw_client_set_reconnect (gw_client_t *self, int min_ms, int max_ms);
-void
-gw_client_set_body_max (gw_client_t *self, size_t body_max);
+void gw_client_set_heartbeat (gw_client_t *self, int heartbeat_ms, int expiry_ms);
+void gw_client_set_reconnect (gw_client_t *self, int min_ms, int max_ms);
+void gw_client_set_body_max (gw_client_t *self, size_t body_max);
 
 //  The socket to poll; replaced on reconnect (fetch before every poll).
-zsock_t *
-gw_client_socket (gw_client_t *self);
+zsock_t *gw_client_socket (gw_client_t *self);
 
 //  Send a REQUEST (id, rid, service, deadline, window, flags, envelope and
 //  body set by the caller). Takes ownership of *request_p in every case.
@@ -64,46 +58,36 @@ gw_client_socket (gw_client_t *self);
 //  are tracked like any other (504 at the deadline, 502 if the broker is
 //  lost). A request already past its deadline completes at once with a
 //  local FINAL 504 and is not sent.
-int
-gw_client_send (gw_client_t *self, gw_msg_t **request_p);
+int gw_client_send (gw_client_t *self, gw_msg_t **request_p);
 
 //  Cancel a request in flight (reason 499 or 504) and forget it.
-int
-gw_client_cancel (gw_client_t *self, const uint8_t rid[16], uint16_t reason);
+int gw_client_cancel (gw_client_t *self, const uint8_t rid[16], uint16_t reason);
 
 //  Grant a streaming request credit more PARTIALs.
-int
-gw_client_credit (gw_client_t *self, const uint8_t rid[16], uint32_t credit);
+int gw_client_credit (gw_client_t *self, const uint8_t rid[16], uint32_t credit);
 
 //  Non-blocking: the next PARTIAL or FINAL for a request in flight (the
 //  caller destroys it), including local FINALs (504 deadline, 502 broker
 //  lost), or NULL. A FINAL ends the request.
-gw_msg_t *
-gw_client_recv (gw_client_t *self);
+gw_msg_t *gw_client_recv (gw_client_t *self);
 
 //  Run timers: heartbeat, expiry, deadlines. Call at least every
 //  gw_client_timeout () ms.
-void
-gw_client_tick (gw_client_t *self);
+void gw_client_tick (gw_client_t *self);
 
 //  Milliseconds until the next timer is due.
-int
-gw_client_timeout (gw_client_t *self);
+int gw_client_timeout (gw_client_t *self);
 
 //  Blocking convenience: wait up to timeout_ms for the next PARTIAL/FINAL.
-gw_msg_t *
-gw_client_wait (gw_client_t *self, int timeout_ms);
+gw_msg_t *gw_client_wait (gw_client_t *self, int timeout_ms);
 
 //  Requests in flight.
-size_t
-gw_client_in_flight (gw_client_t *self);
+size_t gw_client_in_flight (gw_client_t *self);
 
 //  True once the broker has answered since the last (re)connect.
-bool
-gw_client_connected (gw_client_t *self);
+bool gw_client_connected (gw_client_t *self);
 
 //  Self test of this class.
-void
-gw_client_test (bool verbose);
+void gw_client_test (bool verbose);
 
 #endif

@@ -14,40 +14,40 @@
 
 typedef struct {
     char key[ATTR_KEY_MAX + 1];  //  attribute name
-    uint8_t *value;              //  raw msgpack value, heap copy + NUL
-    size_t size;                 //  bytes in value
+    uint8_t *value;  //  raw msgpack value, heap copy + NUL
+    size_t size;  //  bytes in value
 } s_attr_t;
 
 typedef struct {
     s_attr_t items[GW_ENVELOPE_ATTRS_MAX];  //  in insertion order
-    size_t count;                           //  items used
+    size_t count;  //  items used
 } s_attrs_t;
 
 typedef struct {
     char service[GW_SERVICE_MAX + 1];  //  stage that recorded it
-    uint64_t t_in;                     //  unix µs the stage received the request
-    uint64_t t_out;                    //  unix µs it passed it on
+    uint64_t t_in;  //  unix µs the stage received the request
+    uint64_t t_out;  //  unix µs it passed it on
 } s_timing_t;
 
 struct _gw_envelope_t {
-    uint8_t rid[16];                                     //  request id
+    uint8_t rid[16];  //  request id
     char slip[GW_ENVELOPE_SLIP_MAX][GW_SERVICE_MAX + 1];  //  routing slip
-    size_t slip_size;                                    //  entries used
-    size_t cursor;                                       //  index of current stage
-    uint64_t deadline;                                   //  unix ms, 0 = none
-    bool stream;                                         //  client wants a stream
-    char *model;                                         //  requested model or NULL
-    char *trace;                                         //  trace id or NULL
-    s_attrs_t tenant;                                    //  principal annotations
-    s_attrs_t ann;                                       //  free annotations
-    s_timing_t timings[GW_ENVELOPE_TIMINGS_MAX];         //  per-stage timings
-    size_t timing_count;                                 //  entries used
+    size_t slip_size;  //  entries used
+    size_t cursor;  //  index of current stage
+    uint64_t deadline;  //  unix ms, 0 = none
+    bool stream;  //  client wants a stream
+    char *model;  //  requested model or NULL
+    char *trace;  //  trace id or NULL
+    s_attrs_t tenant;  //  principal annotations
+    s_attrs_t ann;  //  free annotations
+    s_timing_t timings[GW_ENVELOPE_TIMINGS_MAX];  //  per-stage timings
+    size_t timing_count;  //  entries used
 };
 
 gw_envelope_t *
 gw_envelope_new (void)
 {
-    gw_envelope_t *self = (gw_envelope_t *) zmalloc (sizeof (gw_envelope_t));
+    gw_envelope_t *self = (gw_envelope_t *)zmalloc (sizeof (gw_envelope_t));
     assert (self);
     return self;
 }
@@ -82,8 +82,8 @@ gw_envelope_destroy (gw_envelope_t **self_p)
 }
 
 static int
-s_attrs_set (s_attrs_t *attrs, const char *key, size_t key_size, const void *value,
-    size_t size)
+s_attrs_set (
+    s_attrs_t *attrs, const char *key, size_t key_size, const void *value, size_t size)
 {
     if (key_size == 0 || key_size > ATTR_KEY_MAX || memchr (key, 0, key_size))
         return -1;
@@ -100,7 +100,7 @@ s_attrs_set (s_attrs_t *attrs, const char *key, size_t key_size, const void *val
         item->key[key_size] = 0;
         item->value = NULL;
     }
-    uint8_t *copy = (uint8_t *) malloc (size + 1);
+    uint8_t *copy = (uint8_t *)malloc (size + 1);
     assert (copy);
     memcpy (copy, value, size);
     copy[size] = 0;  //  lets s_get_str return strings in place
@@ -134,7 +134,7 @@ s_attrs_decode (s_attrs_t *attrs, gw_mreader_t *reader)
         const uint8_t *start = reader->pos;
         if (gw_mreader_skip (reader, GW_ENVELOPE_DEPTH_MAX))
             return -1;
-        if (s_attrs_set (attrs, key.ptr, key.size, start, (size_t) (reader->pos - start)))
+        if (s_attrs_set (attrs, key.ptr, key.size, start, (size_t)(reader->pos - start)))
             return -1;
     }
     return 0;
@@ -145,7 +145,7 @@ s_strndup_valid (const char *ptr, size_t size, size_t max)
 {
     if (size > max || memchr (ptr, 0, size))
         return NULL;
-    char *copy = (char *) malloc (size + 1);
+    char *copy = (char *)malloc (size + 1);
     assert (copy);
     memcpy (copy, ptr, size);
     copy[size] = 0;
@@ -164,17 +164,17 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
         if (gw_mreader_next (reader, &key) || key.type != GW_MP_STR)
             return -1;
         if (gw_mvalue_streq (&key, "v")) {
-            if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT || value.v.u != 1)
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT ||
+                value.v.u != 1)
                 return -1;
         }
-        else
-        if (gw_mvalue_streq (&key, "id")) {
-            if (gw_mreader_next (reader, &value) || value.type != GW_MP_BIN || value.size != 16)
+        else if (gw_mvalue_streq (&key, "id")) {
+            if (gw_mreader_next (reader, &value) || value.type != GW_MP_BIN ||
+                value.size != 16)
                 return -1;
             memcpy (self->rid, value.ptr, 16);
         }
-        else
-        if (gw_mvalue_streq (&key, "slip")) {
+        else if (gw_mvalue_streq (&key, "slip")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
                 value.v.count > GW_ENVELOPE_SLIP_MAX)
                 return -1;
@@ -188,27 +188,23 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
             }
             self->slip_size = count;
         }
-        else
-        if (gw_mvalue_streq (&key, "cur")) {
+        else if (gw_mvalue_streq (&key, "cur")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT ||
                 value.v.u >= GW_ENVELOPE_SLIP_MAX)
                 return -1;
-            self->cursor = (size_t) value.v.u;
+            self->cursor = (size_t)value.v.u;
         }
-        else
-        if (gw_mvalue_streq (&key, "dl")) {
+        else if (gw_mvalue_streq (&key, "dl")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT)
                 return -1;
             self->deadline = value.v.u;
         }
-        else
-        if (gw_mvalue_streq (&key, "stream")) {
+        else if (gw_mvalue_streq (&key, "stream")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_BOOL)
                 return -1;
             self->stream = value.v.b;
         }
-        else
-        if (gw_mvalue_streq (&key, "model") || gw_mvalue_streq (&key, "trace")) {
+        else if (gw_mvalue_streq (&key, "model") || gw_mvalue_streq (&key, "trace")) {
             bool is_model = key.size == 5 && key.ptr[0] == 'm';
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_STR)
                 return -1;
@@ -219,18 +215,15 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
             free (*field);
             *field = text;
         }
-        else
-        if (gw_mvalue_streq (&key, "tenant")) {
+        else if (gw_mvalue_streq (&key, "tenant")) {
             if (s_attrs_decode (&self->tenant, reader))
                 return -1;
         }
-        else
-        if (gw_mvalue_streq (&key, "ann")) {
+        else if (gw_mvalue_streq (&key, "ann")) {
             if (s_attrs_decode (&self->ann, reader))
                 return -1;
         }
-        else
-        if (gw_mvalue_streq (&key, "t")) {
+        else if (gw_mvalue_streq (&key, "t")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
                 value.v.count > GW_ENVELOPE_TIMINGS_MAX)
                 return -1;
@@ -239,7 +232,8 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
                 gw_mvalue_t name, t_in, t_out;
                 if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
                     value.v.count != 3 || gw_mreader_next (reader, &name) ||
-                    name.type != GW_MP_STR || !gw_msg_service_valid (name.ptr, name.size) ||
+                    name.type != GW_MP_STR ||
+                    !gw_msg_service_valid (name.ptr, name.size) ||
                     gw_mreader_next (reader, &t_in) || t_in.type != GW_MP_UINT ||
                     gw_mreader_next (reader, &t_out) || t_out.type != GW_MP_UINT)
                     return -1;
@@ -251,8 +245,7 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
             }
             self->timing_count = count;
         }
-        else
-        if (gw_mreader_skip (reader, GW_ENVELOPE_DEPTH_MAX))
+        else if (gw_mreader_skip (reader, GW_ENVELOPE_DEPTH_MAX))
             return -1;
     }
     return 0;
@@ -283,8 +276,8 @@ s_pack_attrs (msgpack_packer *pk, const char *name, const s_attrs_t *attrs)
     for (size_t i = 0; i < attrs->count; i++) {
         gw_mpack_str (pk, attrs->items[i].key);
         //  Raw msgpack bytes go straight into the buffer.
-        msgpack_sbuffer_write (pk->data, (const char *) attrs->items[i].value,
-            attrs->items[i].size);
+        msgpack_sbuffer_write (
+            pk->data, (const char *)attrs->items[i].value, attrs->items[i].size);
     }
 }
 
@@ -520,7 +513,7 @@ s_get_int (const s_attrs_t *attrs, const char *key, int64_t fallback)
     if (value.type == GW_MP_INT)
         return value.v.i;
     if (value.type == GW_MP_UINT && value.v.u <= INT64_MAX)
-        return (int64_t) value.v.u;
+        return (int64_t)value.v.u;
     return fallback;
 }
 
@@ -561,7 +554,8 @@ gw_envelope_set_ann_int (gw_envelope_t *self, const char *key, int64_t value)
 }
 
 int
-gw_envelope_set_ann_raw (gw_envelope_t *self, const char *key, const void *data, size_t size)
+gw_envelope_set_ann_raw (
+    gw_envelope_t *self, const char *key, const void *data, size_t size)
 {
     if (gw_mpack_check (data, size, GW_ENVELOPE_DEPTH_MAX, 4096))
         return -1;
@@ -608,11 +602,12 @@ gw_envelope_remove_ann (gw_envelope_t *self, const char *key)
 }
 
 int
-gw_envelope_timing_add (gw_envelope_t *self, const char *service, uint64_t t_in_us,
-    uint64_t t_out_us)
+gw_envelope_timing_add (
+    gw_envelope_t *self, const char *service, uint64_t t_in_us, uint64_t t_out_us)
 {
     size_t size = service ? strlen (service) : 0;
-    if (self->timing_count == GW_ENVELOPE_TIMINGS_MAX || !gw_msg_service_valid (service, size))
+    if (self->timing_count == GW_ENVELOPE_TIMINGS_MAX ||
+        !gw_msg_service_valid (service, size))
         return -1;
     s_timing_t *timing = &self->timings[self->timing_count++];
     memcpy (timing->service, service, size + 1);
@@ -628,7 +623,8 @@ gw_envelope_timings (gw_envelope_t *self)
 }
 
 const char *
-gw_envelope_timing (gw_envelope_t *self, size_t index, uint64_t *t_in_us, uint64_t *t_out_us)
+gw_envelope_timing (
+    gw_envelope_t *self, size_t index, uint64_t *t_in_us, uint64_t *t_out_us)
 {
     if (index >= self->timing_count)
         return NULL;
@@ -730,17 +726,22 @@ gw_envelope_test (bool verbose)
         const char *data;
         size_t size;
     } bad[] = {
-        {"", 0},
-        {"\x90", 1},                          //  not a map
-        {"\x81\xa1v\x02", 4},                 //  version 2
-        {"\x81\xa2id\xc4\x03" "abc", 8},         //  short id
-        {"\x81\xa4slip\x91\xa3" "a b", 10},      //  invalid service
+        {"", 0}, {"\x90", 1},  //  not a map
+        {"\x81\xa1v\x02", 4},  //  version 2
+        {"\x81\xa2id\xc4\x03"
+         "abc",
+            8},  //  short id
+        {"\x81\xa4slip\x91\xa3"
+         "a b",
+            10},  //  invalid service
         {"\x81\xa4slip\xdd\xff\xff\xff\xff", 10},  //  huge count
-        {"\x81\xa3" "cur\x05", 6},               //  cursor past the slip
-        {"\x81\xa6stream\x01", 9},            //  wrong type
-        {"\x81\xa1v\x01\x00", 5},             //  trailing bytes
-        {"\x82\xa1v\x01", 4},                 //  truncated
-        {"\x81\xa6tenant\x81\x01\x02", 11},   //  non-string key
+        {"\x81\xa3"
+         "cur\x05",
+            6},  //  cursor past the slip
+        {"\x81\xa6stream\x01", 9},  //  wrong type
+        {"\x81\xa1v\x01\x00", 5},  //  trailing bytes
+        {"\x82\xa1v\x01", 4},  //  truncated
+        {"\x81\xa6tenant\x81\x01\x02", 11},  //  non-string key
         {"\x81\xa6tenant\x81\xa2k\x00\x01", 13},  //  NUL in a key (fuzz find)
     };
     for (size_t i = 0; i < sizeof (bad) / sizeof (bad[0]); i++) {

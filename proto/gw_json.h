@@ -36,26 +36,24 @@
 #include <msgpack.h>
 
 typedef struct {
-    size_t max_size;   //  bytes of input, default 32 MiB
-    int max_depth;     //  nesting of arrays/objects, default 64
+    size_t max_size;  //  bytes of input, default 32 MiB
+    int max_depth;  //  nesting of arrays/objects, default 64
     size_t max_items;  //  values in total, default 4 Mi
 } gw_json_limits_t;
 
 typedef struct {
-    size_t offset;     //  byte offset of the problem in the input
+    size_t offset;  //  byte offset of the problem in the input
     char message[96];  //  human-readable, e.g. "unexpected character '}'"
 } gw_json_error_t;
 
 //  Defaults described above.
-gw_json_limits_t
-gw_json_limits_default (void);
+gw_json_limits_t gw_json_limits_default (void);
 
 //  Transcode size bytes of JSON text into msgpack, appended through pk.
 //  limits may be NULL for defaults; error may be NULL. Returns 0 on success,
 //  -1 on invalid input or a limit exceeded (error filled, nothing or a
 //  partial value appended: callers discard the buffer on failure).
-int
-gw_json_to_msgpack (const char *json, size_t size, msgpack_packer *pk,
+int gw_json_to_msgpack (const char *json, size_t size, msgpack_packer *pk,
     const gw_json_limits_t *limits, gw_json_error_t *error);
 
 //  Transcode one msgpack object (size bytes) to JSON appended to out (with
@@ -63,18 +61,15 @@ gw_json_to_msgpack (const char *json, size_t size, msgpack_packer *pk,
 //  input is safe. Returns 0, or -1 if the input is malformed, nested deeper
 //  than max_depth, or not expressible as JSON (non-string key, NaN, invalid
 //  UTF-8 string, ext) — error filled if not NULL.
-int
-gw_json_from_msgpack (const void *data, size_t size, msgpack_sbuffer *out, int max_depth,
-    gw_json_error_t *error);
+int gw_json_from_msgpack (const void *data, size_t size, msgpack_sbuffer *out,
+    int max_depth, gw_json_error_t *error);
 
 //  Append text to out with JSON string escaping and the surrounding quotes.
 //  Returns 0, or -1 if text (size bytes) is not valid UTF-8.
-int
-gw_json_escape (const char *text, size_t size, msgpack_sbuffer *out);
+int gw_json_escape (const char *text, size_t size, msgpack_sbuffer *out);
 
 //  Self test of this class. Reads the JSONTestSuite cases from
 //  gw_testdata_path ("JSONTestSuite/test_parsing").
-void
-gw_json_test (bool verbose);
+void gw_json_test (bool verbose);
 
 #endif

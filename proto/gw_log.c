@@ -57,21 +57,19 @@ gw_log_enabled (gw_log_level_t level)
 static size_t
 s_json_append (char *buf, size_t pos, size_t cap, const char *text)
 {
-    for (const unsigned char *p = (const unsigned char *) text; *p && pos + 7 < cap; p++) {
+    for (const unsigned char *p = (const unsigned char *)text; *p && pos + 7 < cap; p++) {
         if (*p == '"' || *p == '\\') {
             buf[pos++] = '\\';
-            buf[pos++] = (char) *p;
+            buf[pos++] = (char)*p;
         }
-        else
-        if (*p == '\n' || *p == '\r' || *p == '\t') {
+        else if (*p == '\n' || *p == '\r' || *p == '\t') {
             buf[pos++] = '\\';
             buf[pos++] = *p == '\n' ? 'n' : *p == '\r' ? 'r' : 't';
         }
+        else if (*p < 0x20)
+            pos += (size_t)snprintf (buf + pos, cap - pos, "\\u%04x", *p);
         else
-        if (*p < 0x20)
-            pos += (size_t) snprintf (buf + pos, cap - pos, "\\u%04x", *p);
-        else
-            buf[pos++] = (char) *p;
+            buf[pos++] = (char)*p;
     }
     return pos;
 }
@@ -94,22 +92,24 @@ gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
     struct tm tm;
     gmtime_r (&ts.tv_sec, &tm);
     char stamp[64];
-    snprintf (stamp, sizeof (stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
-        tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000);
+    snprintf (stamp, sizeof (stamp), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ",
+        tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+        ts.tv_nsec / 1000000);
 
     char line[4096];
     size_t cap = sizeof (line) - 2, pos = 0;
     if (s_json) {
-        pos = (size_t) snprintf (line, cap, "{\"ts\":\"%s\",\"level\":\"%s\",\"proc\":\"", stamp,
-            s_json_names[level]);
+        pos = (size_t)snprintf (line, cap, "{\"ts\":\"%s\",\"level\":\"%s\",\"proc\":\"",
+            stamp, s_json_names[level]);
         pos = s_json_append (line, pos, cap, s_process);
-        pos += (size_t) snprintf (line + pos, cap - pos, "\",\"pid\":%d,\"msg\":\"", (int) getpid ());
+        pos += (size_t)snprintf (
+            line + pos, cap - pos, "\",\"pid\":%d,\"msg\":\"", (int)getpid ());
         pos = s_json_append (line, pos, cap, msg);
         if (pos < cap)
             line[pos++] = '"';
         //  key=value pairs become extra members
-        const char *f = fields;
-        while (f && *f && pos + 16 < cap) {
+        const char *f = fields ? fields : "";
+        while (*f && pos + 16 < cap) {
             while (*f == ' ')
                 f++;
             const char *eq = strchr (f, '=');
@@ -118,11 +118,11 @@ gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
                 break;
             const char *vend = sp ? sp : f + strlen (f);
             char key[64], value[512];
-            snprintf (key, sizeof (key), "%.*s", (int) (eq - f), f);
-            snprintf (value, sizeof (value), "%.*s", (int) (vend - eq - 1), eq + 1);
-            pos += (size_t) snprintf (line + pos, cap - pos, ",\"");
+            snprintf (key, sizeof (key), "%.*s", (int)(eq - f), f);
+            snprintf (value, sizeof (value), "%.*s", (int)(vend - eq - 1), eq + 1);
+            pos += (size_t)snprintf (line + pos, cap - pos, ",\"");
             pos = s_json_append (line, pos, cap, key);
-            pos += (size_t) snprintf (line + pos, cap - pos, "\":\"");
+            pos += (size_t)snprintf (line + pos, cap - pos, "\":\"");
             pos = s_json_append (line, pos, cap, value);
             if (pos < cap)
                 line[pos++] = '"';
@@ -132,14 +132,15 @@ gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
             line[pos++] = '}';
     }
     else {
-        pos = (size_t) snprintf (line, cap, "%s %-5s %s[%d]: %s%s%s", stamp, s_names[level],
-            s_process, (int) getpid (), msg, fields ? " " : "", fields ? fields : "");
+        pos =
+            (size_t)snprintf (line, cap, "%s %-5s %s[%d]: %s%s%s", stamp, s_names[level],
+                s_process, (int)getpid (), msg, fields ? " " : "", fields ? fields : "");
     }
     if (pos > cap)
         pos = cap;
     line[pos++] = '\n';
     ssize_t rc = write (STDERR_FILENO, line, pos);
-    (void) rc;
+    (void)rc;
 }
 
 void

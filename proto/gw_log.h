@@ -17,22 +17,18 @@
 typedef enum { GW_LOG_DEBUG = 0, GW_LOG_INFO, GW_LOG_WARN, GW_LOG_ERROR } gw_log_level_t;
 
 //  Set the process name and read LOG_LEVEL / LOG_FORMAT. Call once from main.
-void
-gw_log_init (const char *process);
+void gw_log_init (const char *process);
 
 //  Override level and format (format: "text" or "json").
-void
-gw_log_configure (gw_log_level_t level, const char *format);
+void gw_log_configure (gw_log_level_t level, const char *format);
 
 //  True if messages at this level are written.
-bool
-gw_log_enabled (gw_log_level_t level);
+bool gw_log_enabled (gw_log_level_t level);
 
 //  Log a message. fields is NULL or a string of space-separated key=value
 //  pairs (values without spaces), rendered as extra JSON members in json
 //  format. The message is printf-formatted.
-void
-gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
+void gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
     __attribute__ ((format (printf, 3, 4)));
 
 #define gw_debug(...)                                                                    \
@@ -45,7 +41,6 @@ gw_log (gw_log_level_t level, const char *fields, const char *format, ...)
 #define gw_error(...) gw_log (GW_LOG_ERROR, NULL, __VA_ARGS__)
 
 //  Self test of this class.
-void
-gw_log_test (bool verbose);
+void gw_log_test (bool verbose);
 
 #endif

@@ -13,24 +13,24 @@
 #include "aigw.h"
 
 struct _gw_msg_t {
-    int id;                    //  command code, GW_MSG_*
-    zframe_t *routing_id;      //  ROUTER peer identity, or NULL
-    uint8_t rid[16];           //  request id
-    bool has_rid;              //  rid was set or decoded
+    int id;  //  command code, GW_MSG_*
+    zframe_t *routing_id;  //  ROUTER peer identity, or NULL
+    uint8_t rid[16];  //  request id
+    bool has_rid;  //  rid was set or decoded
     char service[GW_SERVICE_MAX + 1];  //  READY/REQUEST/FORWARD service
-    uint64_t deadline;         //  unix ms, 0 = none
-    uint32_t window;           //  stream credit window, 0 = unlimited
-    uint32_t flags;            //  READY or REQUEST flags
-    uint32_t capacity;         //  READY capacity, 1..65535
+    uint64_t deadline;  //  unix ms, 0 = none
+    uint32_t window;  //  stream credit window, 0 = unlimited
+    uint32_t flags;  //  READY or REQUEST flags
+    uint32_t capacity;  //  READY capacity, 1..65535
     char label[GW_LABEL_MAX + 1];  //  READY worker label
-    uint32_t seq;              //  PARTIAL sequence number
-    uint16_t status;           //  FINAL status, CANCEL reason
-    uint32_t credit;           //  CREDIT amount
-    char role;                 //  PING sender role: 'W', 'C', 'B' (0 = not sent)
-    zframe_t *envelope;        //  REQUEST/FORWARD/FINAL envelope, or NULL
-    zframe_t *body;            //  REQUEST/FORWARD/FINAL body, PARTIAL payload
-    size_t body_max;           //  largest body accepted, bytes
-    const char *reason;        //  why the last decode failed, static string
+    uint32_t seq;  //  PARTIAL sequence number
+    uint16_t status;  //  FINAL status, CANCEL reason
+    uint32_t credit;  //  CREDIT amount
+    char role;  //  PING sender role: 'W', 'C', 'B' (0 = not sent)
+    zframe_t *envelope;  //  REQUEST/FORWARD/FINAL envelope, or NULL
+    zframe_t *body;  //  REQUEST/FORWARD/FINAL body, PARTIAL payload
+    size_t body_max;  //  largest body accepted, bytes
+    const char *reason;  //  why the last decode failed, static string
 };
 
 static const char *s_commands[] = {"UNKNOWN", "READY", "REQUEST", "FORWARD", "PARTIAL",
@@ -42,7 +42,7 @@ static const int s_frames[] = {0, 4, 5, 5, 3, 4, 2, 2, 0, 0, 0};
 gw_msg_t *
 gw_msg_new (int id)
 {
-    gw_msg_t *self = (gw_msg_t *) zmalloc (sizeof (gw_msg_t));
+    gw_msg_t *self = (gw_msg_t *)zmalloc (sizeof (gw_msg_t));
     assert (self);
     self->id = id;
     self->body_max = GW_BODY_MAX_DEFAULT;
@@ -67,29 +67,29 @@ gw_msg_destroy (gw_msg_t **self_p)
 static uint32_t
 s_get32 (const byte *p)
 {
-    return ((uint32_t) p[0] << 24) | ((uint32_t) p[1] << 16) | ((uint32_t) p[2] << 8) | p[3];
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
 static void
 s_put32 (byte *p, uint32_t v)
 {
-    p[0] = (byte) (v >> 24);
-    p[1] = (byte) (v >> 16);
-    p[2] = (byte) (v >> 8);
-    p[3] = (byte) v;
+    p[0] = (byte)(v >> 24);
+    p[1] = (byte)(v >> 16);
+    p[2] = (byte)(v >> 8);
+    p[3] = (byte)v;
 }
 
 static uint64_t
 s_get64 (const byte *p)
 {
-    return ((uint64_t) s_get32 (p) << 32) | s_get32 (p + 4);
+    return ((uint64_t)s_get32 (p) << 32) | s_get32 (p + 4);
 }
 
 static void
 s_put64 (byte *p, uint64_t v)
 {
-    s_put32 (p, (uint32_t) (v >> 32));
-    s_put32 (p + 4, (uint32_t) v);
+    s_put32 (p, (uint32_t)(v >> 32));
+    s_put32 (p + 4, (uint32_t)v);
 }
 
 bool
@@ -99,8 +99,9 @@ gw_msg_service_valid (const char *text, size_t size)
         return false;
     for (size_t i = 0; i < size; i++) {
         char c = text[i];
-        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-                c == '.' || c == '_' || c == '-' || c == '/' || c == ':'))
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-' || c == '/' ||
+                c == ':'))
             return false;
     }
     return true;
@@ -122,7 +123,8 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
     } while (0)
     if (count < 2)
         FAIL ("too few frames");
-    if (zframe_size (frames[0]) != 4 || memcmp (zframe_data (frames[0]), GW_MSG_SIGNATURE, 4))
+    if (zframe_size (frames[0]) != 4 ||
+        memcmp (zframe_data (frames[0]), GW_MSG_SIGNATURE, 4))
         FAIL ("bad signature");
     if (zframe_size (frames[1]) != 1)
         FAIL ("bad command frame");
@@ -149,7 +151,7 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
     switch (id) {
         case GW_MSG_READY: {
             size_t size = zframe_size (frames[2]);
-            if (!gw_msg_service_valid ((char *) zframe_data (frames[2]), size))
+            if (!gw_msg_service_valid ((char *)zframe_data (frames[2]), size))
                 FAIL ("bad service name");
             if (zframe_size (frames[3]) != 4 || zframe_size (frames[4]) != 4)
                 FAIL ("bad capacity or flags");
@@ -170,7 +172,7 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
         case GW_MSG_REQUEST:
         case GW_MSG_FORWARD: {
             size_t size = zframe_size (frames[3]);
-            if (!gw_msg_service_valid ((char *) zframe_data (frames[3]), size))
+            if (!gw_msg_service_valid ((char *)zframe_data (frames[3]), size))
                 FAIL ("bad service name");
             if (zframe_size (frames[4]) != 16)
                 FAIL ("bad meta frame");
@@ -206,7 +208,8 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
                 FAIL ("envelope too large");
             if (zframe_size (frames[5]) > self->body_max)
                 FAIL ("body too large");
-            self->status = (uint16_t) ((zframe_data (frames[3])[0] << 8) | zframe_data (frames[3])[1]);
+            self->status = (uint16_t)((zframe_data (frames[3])[0] << 8) |
+                zframe_data (frames[3])[1]);
             self->envelope = frames[4];
             frames[4] = NULL;
             self->body = frames[5];
@@ -215,7 +218,8 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
         case GW_MSG_CANCEL:
             if (zframe_size (frames[3]) != 2)
                 FAIL ("bad reason frame");
-            self->status = (uint16_t) ((zframe_data (frames[3])[0] << 8) | zframe_data (frames[3])[1]);
+            self->status = (uint16_t)((zframe_data (frames[3])[0] << 8) |
+                zframe_data (frames[3])[1]);
             break;
         case GW_MSG_CREDIT: {
             if (zframe_size (frames[3]) != 4)
@@ -231,7 +235,7 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
             //  client.
             self->role = 'C';
             if (count > 2 && zframe_size (frames[2]) == 1) {
-                char role = (char) zframe_data (frames[2])[0];
+                char role = (char)zframe_data (frames[2])[0];
                 if (role == 'W' || role == 'B')
                     self->role = role;
             }
@@ -327,13 +331,21 @@ gw_msg_decode (gw_msg_t *self, zmsg_t **msg_p, bool routed)
     return rc;
 }
 
+//  Append a reference copy of frame (or an empty frame for NULL) to msg.
+static void
+s_append_copy (zmsg_t *msg, zframe_t *frame)
+{
+    zframe_t *copy = frame ? zframe_dup (frame) : zframe_new_empty ();
+    zmsg_append (msg, &copy);
+}
+
 //  Build the frames of self into msg (without routing id).
 static void
 s_encode_into (gw_msg_t *self, zmsg_t *msg)
 {
     byte buf[16];
     zmsg_addmem (msg, GW_MSG_SIGNATURE, 4);
-    buf[0] = (byte) self->id;
+    buf[0] = (byte)self->id;
     zmsg_addmem (msg, buf, 1);
     switch (self->id) {
         case GW_MSG_READY:
@@ -352,32 +364,27 @@ s_encode_into (gw_msg_t *self, zmsg_t *msg)
             s_put32 (buf + 8, self->window);
             s_put32 (buf + 12, self->flags);
             zmsg_addmem (msg, buf, 16);
-            zmsg_append (msg, self->envelope ? &(zframe_t *) {zframe_dup (self->envelope)}
-                                             : &(zframe_t *) {zframe_new_empty ()});
-            zmsg_append (msg, self->body ? &(zframe_t *) {zframe_dup (self->body)}
-                                         : &(zframe_t *) {zframe_new_empty ()});
+            s_append_copy (msg, self->envelope);
+            s_append_copy (msg, self->body);
             break;
         case GW_MSG_PARTIAL:
             zmsg_addmem (msg, self->rid, 16);
             s_put32 (buf, self->seq);
             zmsg_addmem (msg, buf, 4);
-            zmsg_append (msg, self->body ? &(zframe_t *) {zframe_dup (self->body)}
-                                         : &(zframe_t *) {zframe_new_empty ()});
+            s_append_copy (msg, self->body);
             break;
         case GW_MSG_FINAL:
             zmsg_addmem (msg, self->rid, 16);
-            buf[0] = (byte) (self->status >> 8);
-            buf[1] = (byte) self->status;
+            buf[0] = (byte)(self->status >> 8);
+            buf[1] = (byte)self->status;
             zmsg_addmem (msg, buf, 2);
-            zmsg_append (msg, self->envelope ? &(zframe_t *) {zframe_dup (self->envelope)}
-                                             : &(zframe_t *) {zframe_new_empty ()});
-            zmsg_append (msg, self->body ? &(zframe_t *) {zframe_dup (self->body)}
-                                         : &(zframe_t *) {zframe_new_empty ()});
+            s_append_copy (msg, self->envelope);
+            s_append_copy (msg, self->body);
             break;
         case GW_MSG_CANCEL:
             zmsg_addmem (msg, self->rid, 16);
-            buf[0] = (byte) (self->status >> 8);
-            buf[1] = (byte) self->status;
+            buf[0] = (byte)(self->status >> 8);
+            buf[1] = (byte)self->status;
             zmsg_addmem (msg, buf, 2);
             break;
         case GW_MSG_CREDIT:
@@ -400,7 +407,7 @@ gw_msg_encode (gw_msg_t *self)
     assert (self);
     zmsg_t *msg = zmsg_new ();
     if (self->routing_id)
-        zmsg_append (msg, &(zframe_t *) {zframe_dup (self->routing_id)});
+        s_append_copy (msg, self->routing_id);
     s_encode_into (self, msg);
     return msg;
 }
@@ -442,7 +449,7 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
     //  reachable (ROUTER_MANDATORY); once it is sent the rest follow.
     byte head[5];
     memcpy (head, GW_MSG_SIGNATURE, 4);
-    head[4] = (byte) self->id;
+    head[4] = (byte)self->id;
     if (s_send_mem (handle, head, 4, true))
         return -1;
     bool frames = self->id <= GW_MSG_CREDIT || (self->id == GW_MSG_PING && self->role);
@@ -478,16 +485,16 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
             break;
         case GW_MSG_FINAL:
             rc |= s_send_mem (handle, self->rid, 16, true);
-            buf[0] = (byte) (self->status >> 8);
-            buf[1] = (byte) self->status;
+            buf[0] = (byte)(self->status >> 8);
+            buf[1] = (byte)self->status;
             rc |= s_send_mem (handle, buf, 2, true);
             rc |= s_send_payload (handle, self->envelope, true);
             rc |= s_send_payload (handle, self->body, false);
             break;
         case GW_MSG_CANCEL:
             rc |= s_send_mem (handle, self->rid, 16, true);
-            buf[0] = (byte) (self->status >> 8);
-            buf[1] = (byte) self->status;
+            buf[0] = (byte)(self->status >> 8);
+            buf[1] = (byte)self->status;
             rc |= s_send_mem (handle, buf, 2, false);
             break;
         case GW_MSG_CREDIT:
@@ -509,7 +516,7 @@ gw_msg_t *
 gw_msg_dup (gw_msg_t *self)
 {
     assert (self);
-    gw_msg_t *copy = (gw_msg_t *) zmalloc (sizeof (gw_msg_t));
+    gw_msg_t *copy = (gw_msg_t *)zmalloc (sizeof (gw_msg_t));
     assert (copy);
     *copy = *self;
     copy->routing_id = self->routing_id ? zframe_dup (self->routing_id) : NULL;
@@ -764,7 +771,7 @@ s_build (int count, ...)
     for (int i = 0; i < count; i++) {
         const char *data = va_arg (args, const char *);
         int size = va_arg (args, int);
-        zmsg_addmem (msg, data, (size_t) size);
+        zmsg_addmem (msg, data, (size_t)size);
     }
     va_end (args);
     return msg;
@@ -828,7 +835,8 @@ gw_msg_test (bool verbose)
         if (ids[i] == GW_MSG_PARTIAL)
             assert (gw_msg_seq (out) == 7 && zframe_size (gw_msg_body (out)) == 1);
         if (ids[i] == GW_MSG_FINAL)
-            assert (gw_msg_status (out) == 429 && zframe_size (gw_msg_envelope (out)) == 4);
+            assert (
+                gw_msg_status (out) == 429 && zframe_size (gw_msg_envelope (out)) == 4);
         if (ids[i] == GW_MSG_CANCEL)
             assert (gw_msg_status (out) == 429);
         if (ids[i] == GW_MSG_CREDIT)
@@ -874,14 +882,14 @@ gw_msg_test (bool verbose)
         {s_build (2, "GWP1", 4, "\x00", 1), "unknown command"},
         {s_build (2, "GWP1", 4, "\x08\x08", 2), "bad command frame"},
         {s_build (3, "GWP1", 4, "\x02", 1, "short", 5), "too few frames for command"},
-        {s_build (7, "GWP1", 4, "\x02", 1, "0123456789abcdef", 15, "svc", 3, "0123456789abcdef",
-             16, "", 0, "", 0),
+        {s_build (7, "GWP1", 4, "\x02", 1, "0123456789abcdef", 15, "svc", 3,
+             "0123456789abcdef", 16, "", 0, "", 0),
             "bad request id"},
-        {s_build (7, "GWP1", 4, "\x02", 1, "0123456789abcdef", 16, "s c", 3, "0123456789abcdef",
-             16, "", 0, "", 0),
+        {s_build (7, "GWP1", 4, "\x02", 1, "0123456789abcdef", 16, "s c", 3,
+             "0123456789abcdef", 16, "", 0, "", 0),
             "bad service name"},
-        {s_build (7, "GWP1", 4, "\x02", 1, "0123456789abcdef", 16, "svc", 3, "0123", 4, "", 0,
-             "", 0),
+        {s_build (7, "GWP1", 4, "\x02", 1, "0123456789abcdef", 16, "svc", 3, "0123", 4,
+             "", 0, "", 0),
             "bad meta frame"},
         {s_build (6, "GWP1", 4, "\x01", 1, "svc", 3, "\0\0\0\0", 4, "\0\0\0\0", 4, "", 0),
             "capacity out of range"},
@@ -910,8 +918,8 @@ gw_msg_test (bool verbose)
     assert (streq (gw_msg_reason (m), "too many frames"));
     //  Body over the configured bound
     gw_msg_set_body_max (m, 8);
-    zmsg_t *big = s_build (5, "GWP1", 4, "\x04", 1, "0123456789abcdef", 16, "\0\0\0\1", 4,
-        "0123456789", 10);
+    zmsg_t *big = s_build (
+        5, "GWP1", 4, "\x04", 1, "0123456789abcdef", 16, "\0\0\0\1", 4, "0123456789", 10);
     assert (gw_msg_decode (m, &big, false) == GW_MSG_MALFORMED);
     assert (streq (gw_msg_reason (m), "payload too large"));
     //  The rid is still available after a later-frame failure, so the broker

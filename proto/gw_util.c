@@ -13,7 +13,7 @@ gw_time_ms (void)
 {
     struct timespec ts;
     clock_gettime (CLOCK_REALTIME, &ts);
-    return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 int64_t
@@ -21,7 +21,7 @@ gw_time_us (void)
 {
     struct timespec ts;
     clock_gettime (CLOCK_REALTIME, &ts);
-    return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
 int64_t
@@ -29,7 +29,7 @@ gw_mono_ms (void)
 {
     struct timespec ts;
     clock_gettime (CLOCK_MONOTONIC, &ts);
-    return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 #define RID_POOL 256
@@ -44,7 +44,7 @@ gw_rid_new (uint8_t rid[16])
         while (got < sizeof (s_pool)) {
             ssize_t rc = getrandom (s_pool + got, sizeof (s_pool) - got, 0);
             if (rc > 0)
-                got += (size_t) rc;
+                got += (size_t)rc;
         }
         s_pool_left = RID_POOL;
     }
@@ -97,9 +97,9 @@ gw_rid_parse (const char *text, uint8_t rid[16])
         if (v < 0)
             return -1;
         if (nibbles % 2 == 0)
-            rid[nibbles / 2] = (uint8_t) (v << 4);
+            rid[nibbles / 2] = (uint8_t)(v << 4);
         else
-            rid[nibbles / 2] |= (uint8_t) v;
+            rid[nibbles / 2] |= (uint8_t)v;
         nibbles++;
     }
     return nibbles == 32 ? 0 : -1;

@@ -15,13 +15,13 @@
 static int
 s_cmp_i64 (const void *a, const void *b)
 {
-    int64_t x = *(const int64_t *) a, y = *(const int64_t *) b;
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     return x < y ? -1 : x > y;
 }
 
 typedef struct {
     int64_t sent_us;  //  when the request went out
-    bool used;        //  slot in flight
+    bool used;  //  slot in flight
     uint8_t rid[16];  //  its request id
 } slot_t;
 
@@ -40,29 +40,26 @@ main (int argc, char *argv[])
         }
         if (streq (arg, "--bus"))
             bus = value;
-        else
-        if (streq (arg, "--slip"))
+        else if (streq (arg, "--slip"))
             slip_arg = value;
-        else
-        if (streq (arg, "--requests"))
+        else if (streq (arg, "--requests"))
             requests = atol (value);
-        else
-        if (streq (arg, "--concurrency"))
+        else if (streq (arg, "--concurrency"))
             concurrency = atol (value);
-        else
-        if (streq (arg, "--body-bytes"))
+        else if (streq (arg, "--body-bytes"))
             body_bytes = atol (value);
-        else
-        if (streq (arg, "--warmup"))
+        else if (streq (arg, "--warmup"))
             warmup = atol (value);
         else {
-            fprintf (stderr, "usage: aigw-busbench --bus EP --slip a,b,c [--requests N] "
-                             "[--concurrency C] [--body-bytes B] [--warmup N]\n");
+            fprintf (stderr,
+                "usage: aigw-busbench --bus EP --slip a,b,c [--requests N] "
+                "[--concurrency C] [--body-bytes B] [--warmup N]\n");
             return 2;
         }
         i++;
     }
-    if (requests < 1 || concurrency < 1 || concurrency > 4096 || body_bytes < 0 || warmup < 0)
+    if (requests < 1 || concurrency < 1 || concurrency > 4096 || body_bytes < 0 ||
+        warmup < 0)
         return 2;
     gw_log_init ("busbench");
 
@@ -87,11 +84,11 @@ main (int argc, char *argv[])
     msgpack_sbuffer_init (&sbuf);
     msgpack_packer pk;
     msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
-    char *blob = (char *) calloc (1, (size_t) body_bytes + 1);
+    char *blob = (char *)calloc (1, (size_t)body_bytes + 1);
     msgpack_pack_map (&pk, 1);
     gw_mpack_str (&pk, "prompt");
-    msgpack_pack_str (&pk, (size_t) body_bytes);
-    msgpack_pack_str_body (&pk, blob, (size_t) body_bytes);
+    msgpack_pack_str (&pk, (size_t)body_bytes);
+    msgpack_pack_str_body (&pk, blob, (size_t)body_bytes);
     free (blob);
 
     gw_client_t *client = gw_client_new (bus);
@@ -100,8 +97,8 @@ main (int argc, char *argv[])
         return 1;
     }
     long total = requests + warmup;
-    int64_t *latency = (int64_t *) calloc ((size_t) requests, sizeof (int64_t));
-    slot_t *slots = (slot_t *) calloc ((size_t) concurrency, sizeof (slot_t));
+    int64_t *latency = (int64_t *)calloc ((size_t)requests, sizeof (int64_t));
+    slot_t *slots = (slot_t *)calloc ((size_t)concurrency, sizeof (slot_t));
     long sent = 0, done = 0, failed = 0, measured = 0;
     int64_t start_us = 0;
 
@@ -114,7 +111,7 @@ main (int argc, char *argv[])
             gw_rid_new (slots[s].rid);
             gw_msg_set_rid (req, slots[s].rid);
             gw_msg_set_service (req, first);
-            gw_msg_set_deadline (req, (uint64_t) gw_time_ms () + 30000);
+            gw_msg_set_deadline (req, (uint64_t)gw_time_ms () + 30000);
             gw_envelope_set_rid (env, slots[s].rid);
             zframe_t *env_frame = gw_envelope_encode (env);
             zframe_t *body = zframe_new (sbuf.data, sbuf.size);
@@ -152,13 +149,13 @@ main (int argc, char *argv[])
         gw_msg_destroy (&reply);
     }
     int64_t elapsed_us = gw_time_us () - start_us;
-    qsort (latency, (size_t) measured, sizeof (int64_t), s_cmp_i64);
+    qsort (latency, (size_t)measured, sizeof (int64_t), s_cmp_i64);
     int64_t p50 = measured ? latency[measured / 2] : 0;
     int64_t p99 = measured ? latency[(measured * 99) / 100] : 0;
-    double rps = elapsed_us > 0 ? (double) measured * 1e6 / (double) elapsed_us : 0;
+    double rps = elapsed_us > 0 ? (double)measured * 1e6 / (double)elapsed_us : 0;
     //  Messages through the broker per request: REQUEST in, one FORWARD per
     //  extra stage, FINAL out — each counted on both of its hops.
-    double msgs = rps * (double) (2 * (stages + 1));
+    double msgs = rps * (double)(2 * (stages + 1));
     printf ("stages=%zu concurrency=%ld requests=%ld failed=%ld p50_us=%" PRId64
             " p99_us=%" PRId64 " req_per_s=%.0f bus_msgs_per_s=%.0f\n",
         stages, concurrency, measured, failed, p50, p99, rps, msgs);
