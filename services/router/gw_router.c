@@ -1,0 +1,932 @@
+//  --------------------------------------------------------------------------
+//  gw_router — the router stage actor and model discovery.
+//
+//  Design note. The request path is one envelope decode, one pass over the
+//  channel table (gw_channels_plan), one envelope annotation and one
+//  FORWARD; nothing on it blocks. Model discovery (GET {base_url}/models
+//  for channels that declared no list) runs in a child actor with blocking
+//  libcurl easy transfers, so a slow provider never delays a request; the
+//  child sends each result ("MODELS" id name..., or "FAILED" id reason) over
+//  its pipe and the router's thread applies it, so the channel table has a
+//  single owner and needs no lock. A failed refresh keeps the last list
+//  learnt (a provider's brief outage does not make its models vanish); a
+//  channel that never answered serves no model until it does.
+//
+//  Outcomes: op "models" -> FINAL 200 with the OpenAI list object; no model
+//  -> 400; a model outside tenant.models -> 403 model_not_allowed; no
+//  channel -> 404 model_not_found; otherwise ann.plan is written, the slip
+//  past the cursor is replaced by "bridge" (or "model.<name>" for a local
+//  model, when enabled) and the request is forwarded. A malformed envelope
+//  gets 400, never an assertion.
+
+#include "aigw.h"
+#include "gw_router.h"
+#include "gw_channels.h"
+#include <curl/curl.h>
+#include <openssl/crypto.h>
+
+#define FETCH_BODY_MAX (8 * 1024 * 1024)
+#define FETCH_NAMES_MAX 100000
+#define FETCH_TIMEOUT 10000  //  ms per discovery transfer
+#define LOCAL_PREFIX "local/"
+
+//  --------------------------------------------------------------------------
+//  Discovery: one blocking fetch
+
+typedef struct {
+    char *data;  //  response body so far
+    size_t size;  //  bytes in data
+    bool too_big;  //  body exceeded FETCH_BODY_MAX
+    zsock_t *abort;  //  input here aborts the transfer, or NULL
+} s_fetch_t;
+
+static size_t
+s_fetch_write (char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+    s_fetch_t *fetch = (s_fetch_t *)userdata;
+    size_t bytes = size * nmemb;
+    if (fetch->size + bytes > FETCH_BODY_MAX) {
+        fetch->too_big = true;
+        return 0;
+    }
+    char *grown = (char *)realloc (fetch->data, fetch->size + bytes + 1);
+    assert (grown);
+    fetch->data = grown;
+    memcpy (fetch->data + fetch->size, ptr, bytes);
+    fetch->size += bytes;
+    return bytes;
+}
+
+static int
+s_fetch_progress (void *userdata, curl_off_t dltotal, curl_off_t dlnow,
+    curl_off_t ultotal, curl_off_t ulnow)
+{
+    s_fetch_t *fetch = (s_fetch_t *)userdata;
+    return fetch->abort && (zsock_events (fetch->abort) & ZMQ_POLLIN) ? 1 : 0;
+}
+
+static int s_fail (char *error, size_t error_size, const char *format, ...)
+    __attribute__ ((format (printf, 3, 4)));
+
+static int
+s_fail (char *error, size_t error_size, const char *format, ...)
+{
+    if (error && error_size) {
+        va_list args;
+        va_start (args, format);
+        vsnprintf (error, error_size, format, args);
+        va_end (args);
+    }
+    return -1;
+}
+
+//  Parse an OpenAI list object's data[].id into names.
+static int
+s_parse_model_list (
+    const char *json, size_t size, zlistx_t *names, char *error, size_t error_size)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+    gw_json_limits_t limits = gw_json_limits_default ();
+    limits.max_size = FETCH_BODY_MAX;
+    limits.max_depth = 16;
+    gw_json_error_t jerror;
+    int rc = -1;
+    if (gw_json_to_msgpack (json, size, &pk, &limits, &jerror)) {
+        s_fail (error, error_size, "body is not JSON (byte %zu: %s)", jerror.offset,
+            jerror.message);
+        goto done;
+    }
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, sbuf.data, sbuf.size);
+    gw_mvalue_t value;
+    gw_mreader_t peek = reader;
+    if (gw_mreader_next (&peek, &value) || value.type != GW_MP_MAP ||
+        gw_mreader_find (&reader, "data") != 0 || gw_mreader_next (&reader, &value) ||
+        value.type != GW_MP_ARRAY) {
+        s_fail (
+            error, error_size, "body is not an OpenAI list object (no \"data\" array)");
+        goto done;
+    }
+    uint32_t count = value.v.count;
+    for (uint32_t i = 0; i < count; i++) {
+        peek = reader;
+        if (gw_mreader_next (&peek, &value))
+            goto malformed;
+        if (value.type != GW_MP_MAP) {
+            if (gw_mreader_skip (&reader, 16))
+                goto malformed;
+            continue;
+        }
+        //  Find "id" inside a copy, then skip the whole element.
+        gw_mreader_t item = reader;
+        if (gw_mreader_skip (&reader, 16))
+            goto malformed;
+        if (gw_mreader_find (&item, "id") == 0 && gw_mreader_next (&item, &value) == 0 &&
+            value.type == GW_MP_STR && zlistx_size (names) < FETCH_NAMES_MAX &&
+            gw_channels_name_valid (value.ptr, value.size)) {
+            char *name = (char *)malloc (value.size + 1);
+            assert (name);
+            memcpy (name, value.ptr, value.size);
+            name[value.size] = 0;
+            zlistx_add_end (names, name);
+            free (name);
+        }
+    }
+    rc = 0;
+    goto done;
+malformed:
+    s_fail (error, error_size, "malformed model list");
+done:
+    msgpack_sbuffer_destroy (&sbuf);
+    return rc;
+}
+
+int
+gw_router_fetch_models (const char *base_url, const char *key, int timeout_ms,
+    zsock_t *abort_sock, zlistx_t *names, char *error, size_t error_size)
+{
+    assert (base_url);
+    assert (names);
+    CURL *curl = curl_easy_init ();
+    if (!curl)
+        return s_fail (error, error_size, "curl_easy_init failed");
+    char *url = zsys_sprintf ("%s/models", base_url);
+    char *auth = key && *key ? zsys_sprintf ("Authorization: Bearer %s", key) : NULL;
+    struct curl_slist *headers = curl_slist_append (NULL, "Accept: application/json");
+    if (auth)
+        headers = curl_slist_append (headers, auth);
+    s_fetch_t fetch = {NULL, 0, false, abort_sock};
+    curl_easy_setopt (curl, CURLOPT_URL, url);
+    curl_easy_setopt (curl, CURLOPT_HTTPHEADER, headers);
+    curl_easy_setopt (curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt (curl, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+    curl_easy_setopt (
+        curl, CURLOPT_CONNECTTIMEOUT_MS, (long)(timeout_ms < 5000 ? timeout_ms : 5000));
+    curl_easy_setopt (curl, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt (curl, CURLOPT_WRITEFUNCTION, s_fetch_write);
+    curl_easy_setopt (curl, CURLOPT_WRITEDATA, &fetch);
+    curl_easy_setopt (curl, CURLOPT_XFERINFOFUNCTION, s_fetch_progress);
+    curl_easy_setopt (curl, CURLOPT_XFERINFODATA, &fetch);
+    curl_easy_setopt (curl, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt (curl, CURLOPT_USERAGENT, "aigw-router/" AIGW_VERSION);
+    CURLcode code = curl_easy_perform (curl);
+    long status = 0;
+    curl_easy_getinfo (curl, CURLINFO_RESPONSE_CODE, &status);
+    int rc = -1;
+    if (fetch.too_big)
+        s_fail (
+            error, error_size, "GET %s: body larger than %d bytes", url, FETCH_BODY_MAX);
+    else if (code != CURLE_OK)
+        s_fail (error, error_size, "GET %s: %s", url, curl_easy_strerror (code));
+    else if (status != 200)
+        s_fail (error, error_size, "GET %s: HTTP status %ld", url, status);
+    else {
+        char detail[256];
+        rc = s_parse_model_list (
+            fetch.data ? fetch.data : "", fetch.size, names, detail, sizeof (detail));
+        if (rc)
+            s_fail (error, error_size, "GET %s: %s", url, detail);
+    }
+    free (fetch.data);
+    curl_slist_free_all (headers);
+    if (auth) {
+        OPENSSL_cleanse (auth, strlen (auth));
+        zstr_free (&auth);
+    }
+    zstr_free (&url);
+    curl_easy_cleanup (curl);
+    return rc;
+}
+
+//  --------------------------------------------------------------------------
+//  Discovery: the child actor
+
+typedef struct {
+    char *id;  //  channel id
+    char *base_url;  //  base URL
+    char *key;  //  first key of the pool, or NULL
+} s_target_t;
+
+typedef struct {
+    s_target_t *targets;  //  channels to discover
+    size_t count;  //  entries in targets
+    int refresh_s;  //  seconds between rounds
+} s_discovery_args_t;
+
+static void
+s_discovery_args_destroy (s_discovery_args_t **self_p)
+{
+    s_discovery_args_t *self = *self_p;
+    if (!self)
+        return;
+    for (size_t i = 0; i < self->count; i++) {
+        free (self->targets[i].id);
+        free (self->targets[i].base_url);
+        if (self->targets[i].key)
+            OPENSSL_cleanse (self->targets[i].key, strlen (self->targets[i].key));
+        free (self->targets[i].key);
+    }
+    free (self->targets);
+    free (self);
+    *self_p = NULL;
+}
+
+//  Runs in its own thread; owns args. Sends MODELS / FAILED to the router.
+static void
+s_discovery_actor (zsock_t *pipe, void *args)
+{
+    s_discovery_args_t *self = (s_discovery_args_t *)args;
+    curl_global_init (CURL_GLOBAL_DEFAULT);  //  thread safe since libcurl 7.84
+    zsock_signal (pipe, 0);
+    int64_t next = gw_mono_ms ();
+    bool terminated = false;
+    while (!terminated) {
+        int64_t wait = next - gw_mono_ms ();
+        if (wait > 0) {
+            zmq_pollitem_t item = {zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
+            if (zmq_poll (&item, 1, (long)wait) < 0 && zmq_errno () != EINTR)
+                break;  //  context terminated
+        }
+        if (zsock_events (pipe) & ZMQ_POLLIN) {
+            char *command = zstr_recv (pipe);
+            terminated = !command || streq (command, "$TERM");
+            zstr_free (&command);
+            continue;
+        }
+        if (gw_mono_ms () < next)
+            continue;
+        for (size_t i = 0; i < self->count && !terminated; i++) {
+            s_target_t *target = &self->targets[i];
+            zlistx_t *names = zlistx_new ();
+            zlistx_set_destructor (names, (zlistx_destructor_fn *)zstr_free);
+            zlistx_set_duplicator (names, (zlistx_duplicator_fn *)strdup);
+            char error[512];
+            int rc = gw_router_fetch_models (target->base_url, target->key, FETCH_TIMEOUT,
+                pipe, names, error, sizeof (error));
+            zmsg_t *msg = zmsg_new ();
+            zmsg_addstr (msg, rc == 0 ? "MODELS" : "FAILED");
+            zmsg_addstr (msg, target->id);
+            if (rc == 0)
+                for (char *name = (char *)zlistx_first (names); name;
+                     name = (char *)zlistx_next (names))
+                    zmsg_addstr (msg, name);
+            else
+                zmsg_addstr (msg, error);
+            zlistx_destroy (&names);
+            zmsg_send (&msg, pipe);
+            if (zsock_events (pipe) & ZMQ_POLLIN)
+                break;  //  probably $TERM: read it first
+        }
+        next = gw_mono_ms () + (int64_t)self->refresh_s * 1000;
+    }
+    s_discovery_args_destroy (&self);
+    curl_global_cleanup ();
+}
+
+//  --------------------------------------------------------------------------
+//  The router actor
+
+typedef struct {
+    zsock_t *pipe;  //  actor pipe
+    gw_channels_t *channels;  //  channel table, owned
+    gw_worker_t *worker;  //  session for "router", NULL before CONNECT
+    zactor_t *discovery;  //  discovery child, NULL if nothing to discover
+    gw_envelope_t *envelope;  //  reused for every request
+    msgpack_sbuffer sbuf;  //  reused for plans and model lists
+    int64_t created;  //  unix s, "created" of listed models
+    int refresh_s;  //  discovery period, seconds
+    uint32_t capacity;  //  READY capacity
+    bool local_models;  //  route local/<name> to model.<name>
+    bool verbose;  //  log decisions
+    bool terminated;  //  $TERM received
+} s_router_t;
+
+//  Copy text into out (out_size > 4), cut at a UTF-8 boundary.
+static const char *
+s_clip (const char *text, char *out, size_t out_size)
+{
+    size_t size = strlen (text);
+    if (size >= out_size) {
+        size = out_size - 4;
+        while (size > 0 && ((unsigned char)text[size] & 0xC0) == 0x80)
+            size--;
+        memcpy (out, text, size);
+        strcpy (out + size, "...");
+    }
+    else
+        memcpy (out, text, size + 1);
+    return out;
+}
+
+static void
+s_start_discovery (s_router_t *self)
+{
+    s_discovery_args_t *args =
+        (s_discovery_args_t *)zmalloc (sizeof (s_discovery_args_t));
+    assert (args);
+    size_t size = gw_channels_size (self->channels);
+    args->targets = (s_target_t *)zmalloc ((size + 1) * sizeof (s_target_t));
+    assert (args->targets);
+    args->refresh_s = self->refresh_s;
+    for (size_t i = 0; i < size; i++) {
+        if (!gw_channels_discovers (self->channels, i))
+            continue;
+        s_target_t *target = &args->targets[args->count++];
+        target->id = strdup (gw_channels_id (self->channels, i));
+        target->base_url = strdup (gw_channels_base_url (self->channels, i));
+        const char *key = gw_channels_key (self->channels, i);
+        target->key = key ? strdup (key) : NULL;
+    }
+    if (args->count == 0) {
+        s_discovery_args_destroy (&args);
+        return;
+    }
+    gw_info ("router: discovering the models of %zu channel(s) every %d s", args->count,
+        self->refresh_s);
+    self->discovery = zactor_new (s_discovery_actor, args);
+    assert (self->discovery);
+}
+
+static void
+s_on_discovery (s_router_t *self)
+{
+    zmsg_t *msg = zmsg_recv (self->discovery);
+    if (!msg)
+        return;
+    char *kind = zmsg_popstr (msg);
+    char *id = zmsg_popstr (msg);
+    if (kind && id && streq (kind, "MODELS")) {
+        zlistx_t *names = zlistx_new ();
+        zlistx_set_destructor (names, (zlistx_destructor_fn *)zstr_free);
+        char *name;
+        while ((name = zmsg_popstr (msg)))
+            zlistx_add_end (names, name);
+        int kept = gw_channels_set_discovered (self->channels, id, names);
+        zlistx_destroy (&names);
+        gw_info ("router: channel %s lists %d model(s)", id, kept);
+    }
+    else if (kind && id && streq (kind, "FAILED")) {
+        char *reason = zmsg_popstr (msg);
+        gw_warn ("router: channel %s: model discovery failed: %s (keeping the last list)",
+            id, reason ? reason : "?");
+        zstr_free (&reason);
+    }
+    zstr_free (&kind);
+    zstr_free (&id);
+    zmsg_destroy (&msg);
+}
+
+static void
+s_answer_models (s_router_t *self, gw_msg_t *request)
+{
+    msgpack_sbuffer_clear (&self->sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &self->sbuf, msgpack_sbuffer_write);
+    size_t count = gw_channels_models (self->channels,
+        gw_envelope_tenant_str (self->envelope, "models"), self->created, &pk);
+    zframe_t *body = zframe_new (self->sbuf.data, self->sbuf.size);
+    if (self->verbose)
+        gw_debug ("router: model list, %zu model(s)", count);
+    gw_worker_final (self->worker, gw_msg_rid (request), 200, NULL, &body);
+}
+
+//  Replace the slip past the cursor with service and forward.
+static void
+s_forward (s_router_t *self, gw_msg_t *request, const char *service)
+{
+    gw_envelope_slip_truncate (self->envelope);
+    if (gw_envelope_slip_append (self->envelope, service)) {
+        gw_worker_error (self->worker, gw_msg_rid (request), 500, "server_error",
+            "routing_failed",
+            "The gateway could not route this request (routing slip full).");
+        return;
+    }
+    if (gw_worker_forward (self->worker, request, self->envelope) &&
+        !gw_worker_cancelled (self->worker, gw_msg_rid (request)))
+        gw_worker_error (self->worker, gw_msg_rid (request), 500, "server_error",
+            "routing_failed", "The gateway could not forward this request.");
+}
+
+static void
+s_handle (s_router_t *self, gw_msg_t *request)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    zframe_t *frame = gw_msg_envelope (request);
+    if (!frame ||
+        gw_envelope_decode (self->envelope, zframe_data (frame), zframe_size (frame))) {
+        gw_worker_error (self->worker, rid, 400, "invalid_request_error",
+            "invalid_envelope", "The request envelope could not be decoded.");
+        return;
+    }
+    const char *op = gw_envelope_ann_str (self->envelope, "op");
+    if (op && streq (op, "models")) {
+        s_answer_models (self, request);
+        return;
+    }
+    const char *model = gw_envelope_model (self->envelope);
+    const char *allow = gw_envelope_tenant_str (self->envelope, "models");
+    char shown[208];
+    char message[512];
+    if (!model || !*model) {
+        gw_worker_error (self->worker, rid, 400, "invalid_request_error", "missing_model",
+            "You must provide a model parameter.");
+        return;
+    }
+    if (allow && *allow && !gw_channels_csv_has (allow, model)) {
+        snprintf (message, sizeof (message),
+            "This API key does not have access to the model `%s`.",
+            s_clip (model, shown, sizeof (shown)));
+        gw_worker_error (self->worker, rid, 403, "invalid_request_error",
+            "model_not_allowed", message);
+        return;
+    }
+    //  Hook for local models (issue 5): "local/<name>" -> service model.<name>.
+    if (self->local_models && strncmp (model, LOCAL_PREFIX, strlen (LOCAL_PREFIX)) == 0) {
+        char service[GW_SERVICE_MAX + 1];
+        int size = snprintf (
+            service, sizeof (service), "model.%s", model + strlen (LOCAL_PREFIX));
+        if (size > 6 && size < (int)sizeof (service) &&
+            gw_msg_service_valid (service, (size_t)size)) {
+            if (self->verbose)
+                gw_debug ("router: %s -> %s", model, service);
+            s_forward (self, request, service);
+            return;
+        }
+    }
+    msgpack_sbuffer_clear (&self->sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &self->sbuf, msgpack_sbuffer_write);
+    int attempts = gw_channels_plan (self->channels, model, allow, &pk);
+    if (attempts == 0) {
+        snprintf (message, sizeof (message),
+            "The model `%s` does not exist or you do not have access to it.",
+            s_clip (model, shown, sizeof (shown)));
+        gw_worker_error (
+            self->worker, rid, 404, "invalid_request_error", "model_not_found", message);
+        return;
+    }
+    if (gw_envelope_set_ann_raw (
+            self->envelope, "plan", self->sbuf.data, self->sbuf.size)) {
+        gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
+            "The gateway could not write the routing plan.");
+        return;
+    }
+    if (self->verbose)
+        gw_debug ("router: %s -> %d attempt(s)", model, attempts);
+    s_forward (self, request, "bridge");
+}
+
+static void
+s_on_worker (s_router_t *self)
+{
+    gw_msg_t *msg;
+    while ((msg = gw_worker_recv (self->worker))) {
+        if (gw_msg_id (msg) == GW_MSG_REQUEST)
+            s_handle (self, msg);
+        else if (gw_msg_id (msg) == GW_MSG_CANCEL)
+            gw_worker_final (self->worker, gw_msg_rid (msg), 499, NULL, NULL);
+        gw_msg_destroy (&msg);
+    }
+}
+
+static void
+s_on_pipe (s_router_t *self)
+{
+    zmsg_t *msg = zmsg_recv (self->pipe);
+    if (!msg) {
+        self->terminated = true;
+        return;
+    }
+    char *command = zmsg_popstr (msg);
+    if (!command || streq (command, "$TERM"))
+        self->terminated = true;
+    else if (streq (command, "VERBOSE"))
+        self->verbose = true;
+    else if (streq (command, "CONNECT")) {
+        char *endpoint = zmsg_popstr (msg);
+        if (!self->worker && endpoint)
+            self->worker =
+                gw_worker_new (endpoint, "router", self->capacity, GW_READY_IDEMPOTENT);
+        zsock_signal (self->pipe, self->worker ? 0 : 1);
+        if (self->worker && !self->discovery)
+            s_start_discovery (self);
+        zstr_free (&endpoint);
+    }
+    else if (streq (command, "CONFIGURE")) {
+        char *key = zmsg_popstr (msg);
+        char *value = zmsg_popstr (msg);
+        char *end = NULL;
+        long long number = value ? strtoll (value, &end, 10) : 0;
+        bool valid = value && *value && end && *end == 0;
+        int rc = 1;
+        if (key && valid) {
+            if (streq (key, "refresh_s") && number >= 1 && number <= 86400) {
+                self->refresh_s = (int)number;
+                rc = 0;
+            }
+            else if (streq (key, "capacity") && number >= 1 && number <= 65535) {
+                self->capacity = (uint32_t)number;
+                rc = 0;
+            }
+            else if (streq (key, "local_models") && (number == 0 || number == 1)) {
+                self->local_models = number == 1;
+                rc = 0;
+            }
+            else if (streq (key, "seed")) {
+                gw_channels_seed (self->channels, (uint64_t)number);
+                rc = 0;
+            }
+        }
+        zsock_signal (self->pipe, (byte)rc);
+        zstr_free (&key);
+        zstr_free (&value);
+    }
+    else
+        gw_warn ("router: unknown command %s", command);
+    zstr_free (&command);
+    zmsg_destroy (&msg);
+}
+
+void
+gw_router_actor (zsock_t *pipe, void *args)
+{
+    s_router_t self = {0};
+    self.pipe = pipe;
+    self.channels = args ? (gw_channels_t *)args : gw_channels_new ();
+    self.envelope = gw_envelope_new ();
+    msgpack_sbuffer_init (&self.sbuf);
+    self.created = gw_time_ms () / 1000;
+    self.refresh_s = 300;
+    self.capacity = 1024;
+    zsock_signal (pipe, 0);
+
+    while (!self.terminated) {
+        zmq_pollitem_t items[3];
+        int count = 0;
+        items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
+        if (self.worker)
+            items[count++] = (zmq_pollitem_t){
+                zsock_resolve (gw_worker_socket (self.worker)), 0, ZMQ_POLLIN, 0};
+        if (self.discovery)
+            items[count++] =
+                (zmq_pollitem_t){zsock_resolve (self.discovery), 0, ZMQ_POLLIN, 0};
+        long timeout = self.worker ? gw_worker_timeout (self.worker) : -1;
+        if (zmq_poll (items, count, timeout) < 0) {
+            if (zmq_errno () == EINTR)
+                continue;  //  a signal: the main decides what it means
+            break;  //  the context is going away
+        }
+        if (items[0].revents & ZMQ_POLLIN)
+            s_on_pipe (&self);
+        if (self.terminated)
+            break;
+        if (self.discovery && (zsock_events (self.discovery) & ZMQ_POLLIN))
+            s_on_discovery (&self);
+        if (self.worker) {
+            s_on_worker (&self);
+            gw_worker_tick (self.worker);
+        }
+    }
+    zactor_destroy (&self.discovery);
+    gw_worker_destroy (&self.worker);
+    gw_envelope_destroy (&self.envelope);
+    msgpack_sbuffer_destroy (&self.sbuf);
+    gw_channels_destroy (&self.channels);
+}
+
+//  --------------------------------------------------------------------------
+//  Self test: discovery against a tiny civetweb provider, then the request
+//  path end to end in-process: broker + auth + router + a fake bridge + a
+//  client.
+
+#include "gw_broker.h"
+#include "../auth/gw_auth.h"
+#include <civetweb.h>
+
+static int
+s_reply (struct mg_connection *conn, int status, const char *body)
+{
+    mg_printf (conn,
+        "HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+        "Connection: close\r\n\r\n%s",
+        status, strlen (body), body);
+    return status;
+}
+
+static int
+s_models_handler (struct mg_connection *conn, void *cbdata)
+{
+    const char *auth = mg_get_header (conn, "Authorization");
+    if (!auth || !streq (auth, "Bearer disc-key"))
+        return s_reply (conn, 401, "{\"error\":{\"message\":\"Incorrect API key\"}}");
+    return s_reply (conn, 200,
+        "{\"object\":\"list\",\"data\":[{\"id\":\"mock-gpt\",\"object\":\"model\"},"
+        "{\"id\":\"mock-gpt-mini\",\"object\":\"model\"},{\"id\":\"mock-embed\"},"
+        "{\"noid\":1},7,{\"id\":\"bad,name\"}]}");
+}
+
+static int
+s_garbage_handler (struct mg_connection *conn, void *cbdata)
+{
+    return s_reply (conn, 200, "this is not json");
+}
+
+typedef struct {
+    gw_client_t *client;  //  the edge stand-in
+    gw_worker_t *bridge;  //  fake bridge: answers 200 with the envelope it got
+    int bridged;  //  requests the bridge saw
+} s_rig_t;
+
+//  Send one request through auth,router; return its FINAL (caller destroys).
+static gw_msg_t *
+s_call (s_rig_t *rig, const char *op, const char *model, const char *credential)
+{
+    uint8_t rid[16];
+    gw_rid_new (rid);
+    gw_envelope_t *env = gw_envelope_new ();
+    gw_envelope_set_rid (env, rid);
+    gw_envelope_slip_append (env, "auth");
+    gw_envelope_slip_append (env, "router");
+    gw_envelope_set_deadline (env, (uint64_t)gw_time_ms () + 8000);
+    if (model)
+        gw_envelope_set_model (env, model);
+    gw_envelope_set_ann_str (env, "op", op);
+    if (credential)
+        gw_envelope_set_ann_str (env, "credential", credential);
+    zframe_t *frame = gw_envelope_encode (env);
+    gw_envelope_destroy (&env);
+    gw_msg_t *request = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (request, rid);
+    gw_msg_set_service (request, "auth");
+    gw_msg_set_deadline (request, (uint64_t)gw_time_ms () + 8000);
+    gw_msg_set_envelope (request, &frame);
+    zframe_t *body = zframe_new ("\x80", 1);
+    gw_msg_set_body (request, &body);
+    int rc = gw_client_send (rig->client, &request);
+    assert (rc == 0);
+    int64_t end = gw_mono_ms () + 10000;
+    while (gw_mono_ms () < end) {
+        gw_msg_t *msg;
+        while ((msg = gw_worker_recv (rig->bridge))) {
+            if (gw_msg_id (msg) == GW_MSG_REQUEST) {
+                rig->bridged++;
+                assert (gw_msg_body (msg) && zframe_size (gw_msg_body (msg)) == 1);
+                zframe_t *echo = zframe_dup (gw_msg_envelope (msg));
+                gw_worker_final (rig->bridge, gw_msg_rid (msg), 200, NULL, &echo);
+            }
+            gw_msg_destroy (&msg);
+        }
+        gw_worker_tick (rig->bridge);
+        while ((msg = gw_client_recv (rig->client))) {
+            if (gw_msg_id (msg) == GW_MSG_FINAL &&
+                memcmp (gw_msg_rid (msg), rid, 16) == 0)
+                return msg;
+            gw_msg_destroy (&msg);
+        }
+        gw_client_tick (rig->client);
+        zmq_pollitem_t items[2] = {
+            {zsock_resolve (gw_worker_socket (rig->bridge)), 0, ZMQ_POLLIN, 0},
+            {zsock_resolve (gw_client_socket (rig->client)), 0, ZMQ_POLLIN, 0}};
+        zmq_poll (items, 2, 10);
+    }
+    assert (!"no FINAL within 10 s");
+    return NULL;
+}
+
+//  The "code" of an OpenAI error body, or "" (copied into out).
+static const char *
+s_error_code (gw_msg_t *reply, char *out, size_t out_size)
+{
+    *out = 0;
+    zframe_t *body = gw_msg_body (reply);
+    if (!body)
+        return out;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, zframe_data (body), zframe_size (body));
+    gw_mvalue_t value;
+    if (gw_mreader_find (&reader, "error") == 0 &&
+        gw_mreader_find (&reader, "code") == 0 &&
+        gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_STR)
+        snprintf (out, out_size, "%.*s", (int)value.size, value.ptr);
+    return out;
+}
+
+//  Field of attempt index in the plan of the envelope echoed by the bridge.
+static const char *
+s_plan_field (
+    gw_envelope_t *env, size_t index, const char *field, char *out, size_t out_size)
+{
+    *out = 0;
+    size_t size;
+    const void *plan = gw_envelope_ann_raw (env, "plan", &size);
+    if (!plan)
+        return out;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, plan, size);
+    gw_mvalue_t value;
+    if (gw_mreader_next (&reader, &value) || value.type != GW_MP_ARRAY ||
+        index >= value.v.count)
+        return out;
+    for (size_t i = 0; i < index; i++)
+        gw_mreader_skip (&reader, 4);
+    if (gw_mreader_find (&reader, field) == 0 && gw_mreader_next (&reader, &value) == 0 &&
+        value.type == GW_MP_STR)
+        snprintf (out, out_size, "%.*s", (int)value.size, value.ptr);
+    return out;
+}
+
+static size_t
+s_listed (gw_msg_t *reply, const char *wanted)
+{
+    zframe_t *body = gw_msg_body (reply);
+    msgpack_sbuffer json;
+    msgpack_sbuffer_init (&json);
+    int rc =
+        gw_json_from_msgpack (zframe_data (body), zframe_size (body), &json, 8, NULL);
+    assert (rc == 0);
+    msgpack_sbuffer_write (&json, "", 1);
+    char needle[128];
+    snprintf (needle, sizeof (needle), "{\"id\":\"%s\",\"object\":\"model\"", wanted);
+    size_t found = strstr (json.data, needle) != NULL;
+    assert (strstr (json.data, "{\"object\":\"list\",\"data\":["));
+    msgpack_sbuffer_destroy (&json);
+    return found;
+}
+
+void
+gw_router_test (bool verbose)
+{
+    printf (" * gw_router: ");
+    curl_global_init (CURL_GLOBAL_DEFAULT);
+
+    //  A tiny provider on an ephemeral port.
+    const char *options[] = {"listening_ports", "127.0.0.1:0", "num_threads", "2", NULL};
+    struct mg_context *web = mg_start (NULL, NULL, options);
+    assert (web);
+    mg_set_request_handler (web, "/v1/models", s_models_handler, NULL);
+    mg_set_request_handler (web, "/bad/models", s_garbage_handler, NULL);
+    struct mg_server_port port;
+    int ports = mg_get_server_ports (web, 1, &port);
+    assert (ports == 1 && port.port > 0);
+    char base[64], bad[64];
+    snprintf (base, sizeof (base), "http://127.0.0.1:%d/v1", port.port);
+    snprintf (bad, sizeof (bad), "http://127.0.0.1:%d/bad", port.port);
+
+    //  Discovery, one fetch at a time.
+    zlistx_t *names = zlistx_new ();
+    zlistx_set_destructor (names, (zlistx_destructor_fn *)zstr_free);
+    zlistx_set_duplicator (names, (zlistx_duplicator_fn *)strdup);
+    char error[512];
+    int rc = gw_router_fetch_models (
+        base, "disc-key", 5000, NULL, names, error, sizeof (error));
+    if (rc)
+        printf ("%s\n", error);
+    assert (rc == 0 && zlistx_size (names) == 3);
+    assert (streq ((char *)zlistx_first (names), "mock-gpt"));
+    zlistx_purge (names);
+    assert (gw_router_fetch_models (
+                base, "wrong", 5000, NULL, names, error, sizeof (error)) == -1);
+    assert (strstr (error, "HTTP status 401") && zlistx_size (names) == 0);
+    assert (gw_router_fetch_models (
+                bad, NULL, 5000, NULL, names, error, sizeof (error)) == -1);
+    assert (strstr (error, "not JSON"));
+    assert (gw_router_fetch_models ("http://127.0.0.1:1/v1", NULL, 2000, NULL, names,
+                error, sizeof (error)) == -1);
+    if (verbose)
+        printf ("\n    unreachable: %s", error);
+    zlistx_destroy (&names);
+
+    //  The request path end to end.
+    zactor_t *broker = zactor_new (gw_broker_actor, NULL);
+    assert (broker);
+    zstr_sendx (broker, "BIND", "tcp://127.0.0.1:*", NULL);
+    char *endpoint = zstr_recv (broker);
+    assert (endpoint && *endpoint);
+
+    gw_channels_t *channels = gw_channels_new ();
+    char config[1024];
+    snprintf (config, sizeof (config),
+        "[{\"id\":\"a\",\"base_url\":\"http://a.test/v1\",\"keys\":[\"up-a\"],"
+        "\"models\":[\"m\"],\"model_map\":{\"alias\":\"m-up\"}},"
+        "{\"id\":\"b\",\"base_url\":\"http://b.test/"
+        "v1\",\"models\":[\"m\"],\"priority\":-1},"
+        "{\"id\":\"disc\",\"base_url\":\"%s\",\"key\":\"disc-key\"}]",
+        base);
+    rc = gw_channels_load (channels, config, strlen (config), error, sizeof (error));
+    assert (rc == 0);
+    zactor_t *router = zactor_new (gw_router_actor, channels);
+    assert (router);
+    if (verbose)
+        zstr_send (router, "VERBOSE");
+    zstr_sendx (router, "CONFIGURE", "refresh_s", "0", NULL);
+    assert (zsock_wait (router) == 1);  //  out of range
+    zstr_sendx (router, "CONFIGURE", "local_models", "1", NULL);
+    assert (zsock_wait (router) == 0);
+    zstr_sendx (router, "CONNECT", endpoint, NULL);
+    assert (zsock_wait (router) == 0);
+
+    gw_auth_t *auth = gw_auth_new ();
+    assert (gw_auth_add_keys (auth, " sk-good ,") == 1);
+    zactor_t *auth_actor = zactor_new (gw_auth_actor, auth);
+    assert (auth_actor);
+    zstr_sendx (auth_actor, "CONNECT", endpoint, NULL);
+    assert (zsock_wait (auth_actor) == 0);
+
+    s_rig_t rig = {0};
+    rig.bridge = gw_worker_new (endpoint, "bridge", 16, GW_READY_IDEMPOTENT);
+    rig.client = gw_client_new (endpoint);
+    assert (rig.bridge && rig.client);
+    char text[256];
+
+    //  A good request reaches the bridge with a principal, a plan, and no
+    //  credential.
+    gw_msg_t *reply = s_call (&rig, "chat", "m", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 200 && rig.bridged == 1);
+    gw_envelope_t *env = gw_envelope_new ();
+    zframe_t *echo = gw_msg_body (reply);
+    assert (gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+    assert (streq (gw_envelope_tenant_str (env, "user"), "default"));
+    assert (streq (gw_envelope_tenant_str (env, "group"), "default"));
+    assert (strlen (gw_envelope_tenant_str (env, "key")) == 8);
+    const char *credential = gw_envelope_ann_str (env, "credential");
+    assert (!credential || !*credential);
+    assert (gw_envelope_slip_size (env) == 3);
+    assert (streq (gw_envelope_slip (env, 2), "bridge"));
+    assert (gw_envelope_cursor (env) == 2);
+    assert (streq (s_plan_field (env, 0, "id", text, sizeof (text)), "a"));
+    assert (streq (s_plan_field (env, 0, "key", text, sizeof (text)), "up-a"));
+    assert (
+        streq (s_plan_field (env, 0, "base", text, sizeof (text)), "http://a.test/v1"));
+    assert (streq (s_plan_field (env, 1, "id", text, sizeof (text)), "b"));
+    gw_msg_destroy (&reply);
+
+    //  model_map, and the x-api-key form (the bare key).
+    reply = s_call (&rig, "chat", "alias", "sk-good");
+    assert (gw_msg_status (reply) == 200);
+    echo = gw_msg_body (reply);
+    assert (gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+    assert (streq (s_plan_field (env, 0, "model", text, sizeof (text)), "m-up"));
+    gw_msg_destroy (&reply);
+
+    //  Refusals: FINAL straight to the client, the bridge never sees them.
+    int bridged = rig.bridged;
+    reply = s_call (&rig, "chat", "m", NULL);
+    assert (gw_msg_status (reply) == 401);
+    assert (streq (s_error_code (reply, text, sizeof (text)), "missing_api_key"));
+    gw_msg_destroy (&reply);
+    reply = s_call (&rig, "chat", "m", "Bearer sk-bad");
+    assert (gw_msg_status (reply) == 401);
+    assert (streq (s_error_code (reply, text, sizeof (text)), "invalid_api_key"));
+    gw_msg_destroy (&reply);
+    reply = s_call (&rig, "chat", "no-such-model", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 404);
+    assert (streq (s_error_code (reply, text, sizeof (text)), "model_not_found"));
+    gw_msg_destroy (&reply);
+    reply = s_call (&rig, "chat", NULL, "Bearer sk-good");
+    assert (gw_msg_status (reply) == 400);
+    gw_msg_destroy (&reply);
+    assert (rig.bridged == bridged);
+
+    //  Discovery reaches the router: the model list grows to include the
+    //  provider's models, and they route to the discovering channel.
+    bool listed = false;
+    for (int attempt = 0; attempt < 100 && !listed; attempt++) {
+        reply = s_call (&rig, "models", NULL, "Bearer sk-good");
+        assert (gw_msg_status (reply) == 200);
+        assert (s_listed (reply, "m") && s_listed (reply, "alias"));
+        listed = s_listed (reply, "mock-gpt") && s_listed (reply, "mock-embed");
+        gw_msg_destroy (&reply);
+        if (!listed)
+            zclock_sleep (50);
+    }
+    assert (listed);
+    reply = s_call (&rig, "chat", "mock-gpt-mini", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 200);
+    echo = gw_msg_body (reply);
+    assert (gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+    assert (streq (s_plan_field (env, 0, "id", text, sizeof (text)), "disc"));
+    assert (streq (s_plan_field (env, 0, "base", text, sizeof (text)), base));
+    gw_msg_destroy (&reply);
+
+    //  The local model hook: local/tiny goes to service model.tiny, which
+    //  has no worker here, so the broker answers 503 after its grace.
+    zstr_sendx (broker, "CONFIGURE", "grace", "200", NULL);
+    assert (zsock_wait (broker) == 0);
+    reply = s_call (&rig, "chat", "local/tiny", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 503);
+    gw_msg_destroy (&reply);
+
+    gw_envelope_destroy (&env);
+    gw_client_destroy (&rig.client);
+    gw_worker_destroy (&rig.bridge);
+    zactor_destroy (&auth_actor);
+    zactor_destroy (&router);
+    zactor_destroy (&broker);
+    zstr_free (&endpoint);
+    mg_stop (web);
+    curl_global_cleanup ();
+    printf ("OK\n");
+}
