@@ -1,0 +1,50 @@
+//  --------------------------------------------------------------------------
+//  gw_bridge — the model bridge stage (service "bridge"): takes requests
+//  whose envelope carries a failover plan (ann.plan, STAGES.md §3), calls
+//  the upstream OpenAI-compatible providers over HTTP with one libcurl multi
+//  handle (keep-alive, HTTP/2 where ALPN offers it), fails over between the
+//  plan's channels with a circuit breaker per channel (STAGES.md §4), and
+//  answers with FINAL (non-stream) or PARTIAL* + FINAL (stream, SSE bytes
+//  ready to send), honouring stream credit (curl_easy_pause) and CANCEL.
+//
+//  Start it with zactor_new (gw_bridge_actor, NULL); it signals when ready.
+//  Commands on the pipe (string frames):
+//
+//    CONFIGURE key value   before CONNECT; replies a signal: 0 done, 1 unknown
+//                          key or bad value. Keys: capacity (1..65535, default
+//                          1024), breaker_failures (default 3),
+//                          breaker_cooldown_ms (default 30000), maxconnects
+//                          (idle upstream connections kept, default 256),
+//                          connect_timeout_ms (default 5000), body_max (largest
+//                          upstream response, default 32 MiB), event_max
+//                          (largest SSE line/event, default 1 MiB), heartbeat
+//                          and expiry (ms, the bus session's timers).
+//    CONNECT endpoint      open the worker session on the broker at endpoint
+//                          and register as "bridge" (not idempotent); replies
+//                          a signal: 0 done, 1 failed (or already connected).
+//    VERBOSE               log per-attempt decisions at info level.
+//    STATS                 replies one string frame of key=value counters:
+//                          inflight transfers held paused attempts retries
+//                          cancels sockets pool breakers.
+//    $TERM                 end the actor (zactor_destroy sends it); transfers
+//                          in flight are aborted.
+//
+//  curl_global_init must have run before the actor starts (the process main
+//  calls it once).
+//
+//  Threading: everything runs on the actor's thread.
+
+#ifndef GW_BRIDGE_H_INCLUDED
+#define GW_BRIDGE_H_INCLUDED
+
+#include <czmq.h>
+#include <stdbool.h>
+
+//  The bridge actor. args is unused (NULL).
+void gw_bridge_actor (zsock_t *pipe, void *args);
+
+//  Self test of this class (starts tests/mock_provider.py; run from the
+//  repository root).
+void gw_bridge_test (bool verbose);
+
+#endif
