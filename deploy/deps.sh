@@ -10,6 +10,9 @@ for p in "${want[@]}"; do
     s=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
     [ "$s" = "install ok installed" ] || missing+=("$p")
 done
+# Node.js runs the frontend build and the official-SDK tests; Debian's own
+# packages serve when the machine has none.
+command -v node >/dev/null 2>&1 || missing+=(nodejs npm)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "deps: installing ${missing[*]}"
 sudo=""

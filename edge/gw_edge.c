@@ -54,11 +54,14 @@
 #include <pthread.h>
 #include <strings.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <dirent.h>
 
 #define EDGE_SLIP_MAX GW_ENVELOPE_SLIP_MAX
 #define EDGE_READY_MAX 32
 #define EDGE_RESPONSE_MAX (128 * 1024 * 1024)  //  largest FINAL/PARTIAL body accepted
-#define EDGE_POLL_MS 250  //  longest handler wait between stop checks
+#define EDGE_POLL_MS 100  //  longest handler wait between stop/peer checks
+#define EDGE_PEER_CHECK_MS 200  //  requests waiting longer watch their client socket
 #define EDGE_GRACE_MS 2000  //  handler safety margin past the deadline
 #define EDGE_READY_TIMEOUT_MS 2000  //  deadline of the gw.services query
 #define EDGE_INLINE_BODY (256 * 1024)  //  bodies up to this share the header write
@@ -129,6 +132,7 @@ typedef struct {
     bool chunked;  //  a stream uses chunked framing
     bool streaming;  //  stream headers are out
     bool client_gone;  //  a write failed
+    int fd;  //  client socket: -2 not looked up yet, -1 not found
     bool cross_origin;  //  the request carries an Origin header
     int status;  //  status for the access log
     uint64_t bytes;  //  bytes written
@@ -638,6 +642,7 @@ s_req_init (s_req_t *req, struct mg_connection *conn, s_thread_t *thread)
     req->ri = mg_get_request_info (conn);
     req->start_us = gw_time_us ();
     req->status = 500;
+    req->fd = -2;
     thread->extra.size = 0;
 
     const char *xrid = mg_get_header (conn, "X-Request-Id");
@@ -843,6 +848,57 @@ s_control (s_req_t *req, int id, uint32_t value)
     gw_msg_send (ctl, s_dealer (req->thread));
 }
 
+//  Find the client's socket. civetweb 1.15 does not expose it, so match
+//  the open sockets of this process against the request's peer address and
+//  our listening port. This costs one pass over /proc/self/fd and is done
+//  only for requests that wait longer than EDGE_PEER_CHECK_MS, never on
+//  the fast path. Returns the fd or -1.
+static int
+s_client_fd (s_req_t *req)
+{
+    DIR *dir = opendir ("/proc/self/fd");
+    if (!dir)
+        return -1;
+    int found = -1;
+    struct dirent *entry;
+    while (found < 0 && (entry = readdir (dir))) {
+        int fd = atoi (entry->d_name);
+        struct stat st;
+        if (fd <= 2 || fd == dirfd (dir) || fstat (fd, &st) || !S_ISSOCK (st.st_mode))
+            continue;
+        struct sockaddr_storage peer, local;
+        socklen_t peer_size = sizeof (peer), local_size = sizeof (local);
+        if (getpeername (fd, (struct sockaddr *)&peer, &peer_size) ||
+            getsockname (fd, (struct sockaddr *)&local, &local_size) ||
+            peer.ss_family != AF_INET || local.ss_family != AF_INET)
+            continue;
+        struct sockaddr_in *p4 = (struct sockaddr_in *)&peer;
+        struct sockaddr_in *l4 = (struct sockaddr_in *)&local;
+        char addr[INET_ADDRSTRLEN];
+        if (ntohs (p4->sin_port) == req->ri->remote_port &&
+            ntohs (l4->sin_port) == req->ri->server_port &&
+            inet_ntop (AF_INET, &p4->sin_addr, addr, sizeof (addr)) &&
+            streq (addr, req->ri->remote_addr))
+            found = fd;
+    }
+    closedir (dir);
+    return found;
+}
+
+//  True if the client has closed its connection (or it failed), seen
+//  without writing: a client that goes away before the first byte of the
+//  answer, or while a stream is silent, is noticed within EDGE_POLL_MS.
+static bool
+s_client_closed (s_req_t *req)
+{
+    if (req->fd == -2)
+        req->fd = s_client_fd (req);
+    if (req->fd < 0)
+        return false;
+    struct pollfd item = {req->fd, POLLRDHUP, 0};
+    return poll (&item, 1, 0) > 0 && (item.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
 //  Send the REQUEST (consumed) and wait for its FINAL, writing PARTIALs as
 //  they come. Returns 0 with the FINAL in thread->in, or -1 when the
 //  exchange ended without one (client gone, shutdown, local timeout; the
@@ -915,6 +971,13 @@ s_exchange (s_req_t *req, gw_msg_t **request_p, bool stream)
             s_close_after (req);
             s_error (req, 503, "api_error", NULL, "shutting_down",
                 "the gateway is shutting down");
+            return -1;
+        }
+        if (gw_time_us () - req->start_us >= EDGE_PEER_CHECK_MS * 1000 &&
+            s_client_closed (req)) {
+            s_control (req, GW_MSG_CANCEL, 499);
+            req->status = 499;
+            req->client_gone = true;
             return -1;
         }
         if (req->streaming && now - last_write >= edge->sse_keepalive_ms) {

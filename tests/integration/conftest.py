@@ -343,3 +343,39 @@ def error_code(msg: gwp.Message) -> Optional[str]:
         return unpack(msg.body)["error"]["code"]
     except Exception:
         return None
+
+
+# --------------------------------------------------------------------------
+# The whole gateway (tests/integration/gateway.py): broker, edge, auth,
+# router, bridge and mock providers, all through `procs` so teardown kills
+# every one of them.
+
+
+@pytest.fixture
+def make_mock(procs: Procs) -> Callable[..., Any]:
+    """make_mock(name="a", **kwargs) -> gateway.MockProvider."""
+    import gateway
+
+    def make(name: str = "mock", **kwargs: Any) -> "gateway.MockProvider":
+        return gateway.MockProvider(procs, name=name, **kwargs)
+    return make
+
+
+@pytest.fixture
+def make_gateway(procs: Procs, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """make_gateway(channels, **kwargs) -> a started gateway.Gateway; every
+    gateway made is stopped (all processes killed) at teardown."""
+    import gateway
+    made: List["gateway.Gateway"] = []
+
+    def make(channels: Sequence[Dict[str, Any]], **kwargs: Any) -> "gateway.Gateway":
+        workdir = tmp_path / f"gw{len(made)}"
+        workdir.mkdir()
+        gw = gateway.Gateway(procs, channels, workdir=str(workdir), **kwargs)
+        made.append(gw)
+        return gw.start()
+    try:
+        yield make
+    finally:
+        for gw in made:
+            gw.stop()
