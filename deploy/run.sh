@@ -9,18 +9,33 @@ cd "$(dirname "$0")/.."
 export BUILD=${AIGW_BUILD:-build}
 procs=${AIGW_PROCS:-deploy/aigw.procs}
 mkdir -p var
+
+# Embedded defaults for a one-command start. With no client keys configured,
+# auth runs in open mode and the edge listens on loopback only.
+if [ -z "${GATEWAY_API_KEYS:-}" ] && [ -z "${AIGW_KEYS_FILE:-}" ]; then
+    export AIGW_AUTH_OPEN=${AIGW_AUTH_OPEN:-1}
+    export AIGW_LISTEN=${AIGW_LISTEN:-127.0.0.1}
+    echo "[run] no GATEWAY_API_KEYS: open mode, listening on ${AIGW_LISTEN} only"
+fi
+if [ -z "${TARGET_API_URL:-}" ] && [ -z "${AIGW_CHANNELS_FILE:-}" ]; then
+    echo "[run] no upstream: set TARGET_API_URL and TARGET_API_KEY (or AIGW_CHANNELS_FILE)"
+fi
+export PORT=${PORT:-8080}
 stopping=0
 children=()
 
 supervise() {  # name, command...
     local name=$1; shift
-    local delay=1
+    local delay=1 pid=""
+    # Stopping: pass the signal on and wait until the program has exited, so
+    # run.sh returns only when everything is down.
+    trap 'stopping=1; [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null; [ -n "$pid" ] && wait "$pid" 2>/dev/null; exit 0' TERM INT
     while [ "$stopping" = 0 ]; do
         local started=$SECONDS
-        "$@" 2>&1 | sed -u "s/^/[$name] /" &
-        local pid=$!
+        "$@" > >(sed -u "s/^/[$name] /") 2>&1 &
+        pid=$!
         wait "$pid"
-        local rc=${PIPESTATUS[0]}
+        local rc=$?
         [ "$stopping" = 1 ] && break
         if [ $((SECONDS - started)) -ge 10 ]; then delay=1; fi
         echo "[run] $name exited (status $rc); restarting in ${delay}s"
