@@ -38,7 +38,7 @@ HEADERS    := $(foreach d,$(DIRS),$(wildcard $(d)/*.h))
 FUZZ_SRC   := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS    := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps run test selftest selftest-san integration bench fuzz clean format lint
+.PHONY: all deps run test selftest selftest-san integration python-test models bench fuzz clean format lint
 .DEFAULT_GOAL := all
 
 all: $(PROGRAMS)
@@ -73,8 +73,15 @@ $(O)/$(subst _,-,$(basename $(notdir $(1)))): $(1) $(O)/libaigw.a $(HEADERS)
 endef
 $(foreach m,$(MAIN_SRC),$(eval $(call PROGRAM_RULE,$(m))))
 
-run: deps all
+run: deps all models
 	@deploy/run.sh
+
+# The tiny demo/test models (random weights, real tokenizer files), made
+# reproducibly by a script; rebuilt only when the script changes.
+models: var/models/.stamp
+var/models/.stamp: python/aigw_models/make_tiny.py
+	$(PYTHON) python/aigw_models/make_tiny.py
+	@touch $@
 
 selftest: deps all
 	AIGW_TESTDATA=$(SHARED)/testdata $(O)/aigw-selftest
@@ -84,15 +91,19 @@ selftest-san:
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	    AIGW_TESTDATA=$(SHARED)/testdata $(BUILD)-san/aigw-selftest
 
-integration: deps all
+integration: deps all models
 	AIGW_BUILD=$(abspath $(O)) AIGW_TESTDATA=$(SHARED)/testdata \
 	    $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+
+python-test: deps all models
+	AIGW_BUILD=$(abspath $(O)) $(PYTHON) -m pytest -q -p no:cacheprovider python/tests
 
 test: deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory selftest
 	@$(MAKE) --no-print-directory selftest-san
+	@$(MAKE) --no-print-directory python-test
 	@$(MAKE) --no-print-directory integration
 
 bench: deps all

@@ -21,6 +21,8 @@ if [ -z "${TARGET_API_URL:-}" ] && [ -z "${AIGW_CHANNELS_FILE:-}" ]; then
     echo "[run] no upstream: set TARGET_API_URL and TARGET_API_KEY (or AIGW_CHANNELS_FILE)"
 fi
 export PORT=${PORT:-8080}
+# Local models (the Python model worker) are reachable as local/<name>.
+export AIGW_LOCAL_MODELS=${AIGW_LOCAL_MODELS:-1}
 stopping=0
 children=()
 

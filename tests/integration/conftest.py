@@ -379,3 +379,42 @@ def make_gateway(procs: Procs, tmp_path: Path) -> Iterator[Callable[..., Any]]:
     finally:
         for gw in made:
             gw.stop()
+
+
+# --------------------------------------------------------------------------
+# Local models (issue 5): the Python model worker with the tiny models.
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MODEL_PATH holding tiny-llama and tiny-gpt2 (make_tiny, deterministic)."""
+    root = tmp_path_factory.mktemp("models")
+    subprocess.run([PYTHON, str(REPO / "python" / "aigw_models" / "make_tiny.py"),
+                    "--out", str(root)], check=True, stdout=subprocess.DEVNULL)
+    return root
+
+
+@pytest.fixture
+def make_model_worker(procs: Procs, tiny_models_dir: Path) -> Callable[..., Proc]:
+    """make_model_worker(broker, models="tiny,hash-embed", capacity=2, label=None,
+    model_path=None, admin="model.admin", wait=True) -> Proc running
+    python/aigw_model_worker.py on the broker with the short test timers; with
+    wait, returns once every model's service is registered."""
+    def make(broker: "Broker", models: str = "tiny,hash-embed", capacity: int = 2,
+             label: Optional[str] = None, model_path: Optional[Path] = None,
+             admin: str = "model.admin", wait: bool = True) -> Proc:
+        label = label or f"models-{len(procs.procs)}"
+        argv = [PYTHON, str(REPO / "python" / "aigw_model_worker.py"), "--bus", broker.bus,
+                "--model-path", str(model_path or tiny_models_dir), "--models", models,
+                "--capacity", str(capacity), "--label", label, "--admin-service", admin,
+                "--heartbeat-ms", str(HEARTBEAT_MS), "--expiry-ms", str(EXPIRY_MS),
+                "--reconnect-ms", str(RECONNECT_MS)]
+        proc = procs.start(label, argv)
+        if wait:
+            names = [f"model.{m.strip()}" for m in models.split(",") if m.strip()]
+            if admin:
+                names.append(admin)
+            for name in names:
+                proc.wait_line(rf"ready service={re.escape(name)} ", timeout=15)
+        return proc
+    return make
