@@ -38,7 +38,7 @@ HEADERS    := $(foreach d,$(DIRS),$(wildcard $(d)/*.h))
 FUZZ_SRC   := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS    := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps run test selftest selftest-san integration python-test models bench fuzz clean format lint
+.PHONY: all deps run test test-steps selftest selftest-san integration python-test models bench fuzz clean format lint
 .DEFAULT_GOAL := all
 
 all: $(PROGRAMS)
@@ -98,9 +98,15 @@ integration: deps all models
 python-test: deps all models
 	AIGW_BUILD=$(abspath $(O)) $(PYTHON) -m pytest -q -p no:cacheprovider python/tests
 
+# Every test step runs with throwaway PostgreSQL and Redis servers on free
+# loopback ports (tests/harness/services.sh); AIGW_REQUIRE_SERVICES makes a
+# test that needs them fail, not skip, if they are missing.
 test: deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory lint
+	@AIGW_REQUIRE_SERVICES=1 tests/harness/services.sh $(MAKE) --no-print-directory test-steps
+
+test-steps:
 	@$(MAKE) --no-print-directory selftest
 	@$(MAKE) --no-print-directory selftest-san
 	@$(MAKE) --no-print-directory python-test

@@ -1,0 +1,1696 @@
+//  --------------------------------------------------------------------------
+//  gw_ratelimit — the ratelimit stage: configuration, estimate, admission,
+//  settle/release, and the actor.
+//
+//  Design note. Configuration (limits per scope kind and per entity,
+//  prices) is loaded from two JSON files into hash tables and replaced
+//  wholesale on a successful reload, so a request sees either the old or
+//  the new configuration; a failed reload keeps the last good one and logs
+//  why. The limits of an entity are resolved at load time (entity fields
+//  over the kind's defaults), so the request path does at most five hash
+//  lookups, one bounded pass over the body, and ONE limiter call — one
+//  Redis round trip on the distributed back end, the largest cost here.
+//  Nothing here asserts on input: envelopes, bodies and files are input.
+//
+//  Estimate: prompt tokens = ceil (B / 3), where B is the bytes of every
+//  string under messages, prompt, input, tools, functions, system and
+//  instructions, except the values of image_url, input_audio and file.
+//  Three bytes per token overestimates English (about four per token) and
+//  roughly matches CJK text (three bytes per character), so a hold rarely
+//  falls short of the actual cost. Output = max_completion_tokens, else
+//  max_tokens, else max_output_tokens, else AIGW_DEFAULT_MAX_TOKENS (0 for
+//  embeddings), times n (1..128).
+
+#include "aigw.h"
+#include "gw_ratelimit.h"
+#include <sys/stat.h>
+
+#define KINDS 5
+#define FIELDS 17  //  uint64 fields of gw_limits_t
+#define FILE_MAX (16 * 1024 * 1024)
+#define ENTRIES_MAX 1000000
+#define NAME_MAX_ 256
+#define CHECK_MS 500
+#define DEPTH_MAX 16
+#define LEASE_DEFAULT_MS 600000  //  no deadline: 10 minutes
+#define LEASE_MAX_MS 3600000
+
+static_assert (sizeof (gw_limits_t) == FIELDS * sizeof (uint64_t), "gw_limits_t layout");
+
+static const char *s_kinds[KINDS] = {"key", "user", "group", "model", "ip"};
+static const char *s_plurals[KINDS] = {"keys", "users", "groups", "models", "ips"};
+static const char *s_fields[FIELDS] = {"rpm", "burst", "tpm", "concurrency",
+    "requests_per_minute", "requests_per_hour", "requests_per_day", "requests_per_month",
+    "tokens_per_minute", "tokens_per_hour", "tokens_per_day", "tokens_per_month",
+    "cost_per_minute", "cost_per_hour", "cost_per_day", "cost_per_month", "budget"};
+
+typedef struct {
+    uint64_t input;  //  micro-units per 1M prompt tokens
+    uint64_t output;  //  micro-units per 1M completion tokens
+    uint64_t cached_input;  //  micro-units per 1M cached prompt tokens
+} s_price_t;
+
+typedef struct {
+    gw_limits_t defaults[KINDS];  //  per kind, resolved
+    zhashx_t *entries[KINDS];  //  name -> gw_limits_t, resolved
+} s_config_t;
+
+typedef struct {
+    char *path;  //  watched file, or NULL
+    struct timespec mtime;  //  at the last load attempt
+    off_t size;  //  idem
+    ino_t inode;  //  idem
+} s_watch_t;
+
+struct _gw_ratelimit_t {
+    gw_limiter_t *limiter;  //  the engine, owned
+    gw_limits_t base[KINDS];  //  defaults before the file (environment, API)
+    s_config_t *config;  //  current limits
+    zhashx_t *prices;  //  model -> s_price_t
+    uint64_t default_max_tokens;  //  AIGW_DEFAULT_MAX_TOKENS
+    uint64_t multiplier;  //  price multiplier in millionths (1.5 = 1500000)
+    s_watch_t limits_file;  //  AIGW_LIMITS_FILE
+    s_watch_t prices_file;  //  AIGW_PRICES_FILE
+    int64_t checked_at;  //  mono ms of the last stat
+    bool verbose;  //  log decisions
+};
+
+//  --------------------------------------------------------------------------
+//  Configuration
+
+static int s_fail (char *error, size_t error_size, const char *format, ...)
+    __attribute__ ((format (printf, 3, 4)));
+
+static int
+s_fail (char *error, size_t error_size, const char *format, ...)
+{
+    if (error && error_size) {
+        va_list args;
+        va_start (args, format);
+        vsnprintf (error, error_size, format, args);
+        va_end (args);
+    }
+    return -1;
+}
+
+static void
+s_config_destroy (s_config_t **self_p)
+{
+    s_config_t *self = *self_p;
+    if (self) {
+        for (int k = 0; k < KINDS; k++)
+            zhashx_destroy (&self->entries[k]);
+        free (self);
+        *self_p = NULL;
+    }
+}
+
+static s_config_t *
+s_config_new (const gw_limits_t *base)
+{
+    s_config_t *self = (s_config_t *)zmalloc (sizeof (s_config_t));
+    assert (self);
+    for (int k = 0; k < KINDS; k++) {
+        self->defaults[k] = base[k];
+        self->entries[k] = zhashx_new ();
+        assert (self->entries[k]);
+        zhashx_set_destructor (self->entries[k], (zhashx_destructor_fn *)zstr_free);
+    }
+    return self;
+}
+
+gw_ratelimit_t *
+gw_ratelimit_new (gw_limiter_t **limiter_p)
+{
+    assert (limiter_p && *limiter_p);
+    gw_ratelimit_t *self = (gw_ratelimit_t *)zmalloc (sizeof (gw_ratelimit_t));
+    assert (self);
+    self->limiter = *limiter_p;
+    *limiter_p = NULL;
+    self->config = s_config_new (self->base);
+    self->prices = zhashx_new ();
+    assert (self->prices);
+    zhashx_set_destructor (self->prices, (zhashx_destructor_fn *)zstr_free);
+    self->default_max_tokens = 4096;
+    self->multiplier = 1500000;
+    return self;
+}
+
+void
+gw_ratelimit_destroy (gw_ratelimit_t **self_p)
+{
+    assert (self_p);
+    gw_ratelimit_t *self = *self_p;
+    if (self) {
+        gw_limiter_destroy (&self->limiter);
+        s_config_destroy (&self->config);
+        zhashx_destroy (&self->prices);
+        free (self->limits_file.path);
+        free (self->prices_file.path);
+        free (self);
+        *self_p = NULL;
+    }
+}
+
+gw_limiter_t *
+gw_ratelimit_limiter (gw_ratelimit_t *self)
+{
+    assert (self);
+    return self->limiter;
+}
+
+static int
+s_kind (const char *name, size_t size, const char *const *names)
+{
+    for (int k = 0; k < KINDS; k++)
+        if (strlen (names[k]) == size && memcmp (names[k], name, size) == 0)
+            return k;
+    return -1;
+}
+
+int
+gw_ratelimit_set_defaults (
+    gw_ratelimit_t *self, const char *kind, const gw_limits_t *limits)
+{
+    assert (self);
+    assert (kind && limits);
+    int k = s_kind (kind, strlen (kind), s_kinds);
+    if (k < 0)
+        return -1;
+    self->base[k] = *limits;
+    //  Re-resolve: entries keep their own fields only if reloaded, so
+    //  apply to the defaults and to a config without a file.
+    if (!self->limits_file.path) {
+        s_config_t *config = s_config_new (self->base);
+        s_config_destroy (&self->config);
+        self->config = config;
+    }
+    return 0;
+}
+
+//  Parse decimal text ("1.5") into millionths. Returns -1 if malformed.
+static int
+s_parse_millionths (const char *text, uint64_t *out)
+{
+    uint64_t whole = 0, fraction = 0;
+    int digits = 0;
+    const char *p = text;
+    if (!isdigit ((unsigned char)*p))
+        return -1;
+    while (isdigit ((unsigned char)*p)) {
+        whole = whole * 10 + (uint64_t)(*p++ - '0');
+        if (whole > 1000000)
+            return -1;
+    }
+    if (*p == '.') {
+        p++;
+        while (isdigit ((unsigned char)*p)) {
+            if (digits < 6) {
+                fraction = fraction * 10 + (uint64_t)(*p - '0');
+                digits++;
+            }
+            p++;
+        }
+    }
+    if (*p)
+        return -1;
+    while (digits++ < 6)
+        fraction *= 10;
+    *out = whole * 1000000 + fraction;
+    return 0;
+}
+
+//  A JSON file as msgpack (caller frees *data). Returns 0 or -1.
+static int
+s_read_json (const char *path, s_watch_t *watch, msgpack_sbuffer *sbuf, char *error,
+    size_t error_size)
+{
+    struct stat info;
+    if (stat (path, &info))
+        return s_fail (error, error_size, "%s: %s", path, strerror (errno));
+    if (watch) {
+        watch->mtime = info.st_mtim;
+        watch->size = info.st_size;
+        watch->inode = info.st_ino;
+    }
+    FILE *file = fopen (path, "rb");
+    if (!file)
+        return s_fail (error, error_size, "%s: %s", path, strerror (errno));
+    char *text = (char *)malloc (FILE_MAX + 1);
+    assert (text);
+    size_t size = fread (text, 1, FILE_MAX + 1, file);
+    bool failed = ferror (file);
+    fclose (file);
+    int rc = -1;
+    if (failed)
+        s_fail (error, error_size, "%s: read error", path);
+    else if (size > FILE_MAX)
+        s_fail (error, error_size, "%s: larger than %d bytes", path, FILE_MAX);
+    else {
+        msgpack_packer pk;
+        msgpack_packer_init (&pk, sbuf, msgpack_sbuffer_write);
+        gw_json_limits_t limits = gw_json_limits_default ();
+        limits.max_size = FILE_MAX;
+        limits.max_depth = 8;
+        gw_json_error_t jerror;
+        if (gw_json_to_msgpack (text, size, &pk, &limits, &jerror))
+            s_fail (error, error_size, "%s: invalid JSON at byte %zu: %s", path,
+                jerror.offset, jerror.message);
+        else
+            rc = 0;
+    }
+    free (text);
+    return rc;
+}
+
+static bool
+s_name_valid (const gw_mvalue_t *value)
+{
+    if (value->type != GW_MP_STR || value->size == 0 || value->size > NAME_MAX_)
+        return false;
+    for (uint32_t i = 0; i < value->size; i++)
+        if ((unsigned char)value->ptr[i] < 0x20 || value->ptr[i] == 0x7f)
+            return false;
+    return true;
+}
+
+//  Parse a limits object into fields, marking present ones. where names
+//  the object in errors.
+static int
+s_parse_limits (gw_mreader_t *reader, uint64_t *fields, uint32_t *present,
+    const char *where, char *error, size_t error_size)
+{
+    gw_mvalue_t value, name;
+    if (gw_mreader_next (reader, &value) || value.type != GW_MP_MAP)
+        return s_fail (error, error_size, "%s: must be an object", where);
+    for (uint32_t i = 0; i < value.v.count; i++) {
+        if (gw_mreader_next (reader, &name) || name.type != GW_MP_STR)
+            return s_fail (error, error_size, "%s: malformed field name", where);
+        int field = -1;
+        for (int f = 0; f < FIELDS; f++)
+            if (gw_mvalue_streq (&name, s_fields[f]))
+                field = f;
+        if (field < 0)
+            return s_fail (error, error_size, "%s: unknown field \"%.*s\"", where,
+                (int)(name.size > 40 ? 40 : name.size), name.ptr);
+        gw_mvalue_t number;
+        if (gw_mreader_next (reader, &number) || number.type != GW_MP_UINT ||
+            number.v.u > ((uint64_t)1 << 53))
+            return s_fail (error, error_size,
+                "%s.%s: must be a whole number from 0 to 2^53 (0 = unlimited)", where,
+                s_fields[field]);
+        fields[field] = number.v.u;
+        *present |= 1u << field;
+    }
+    return 0;
+}
+
+static void
+s_merge (gw_limits_t *out, const gw_limits_t *defaults, const uint64_t *fields,
+    uint32_t present)
+{
+    uint64_t *target = (uint64_t *)out;
+    memcpy (out, defaults, sizeof (*out));
+    for (int f = 0; f < FIELDS; f++)
+        if (present & (1u << f))
+            target[f] = fields[f];
+}
+
+static s_config_t *
+s_parse_limits_file (
+    gw_ratelimit_t *self, const void *data, size_t size, char *error, size_t error_size)
+{
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, data, size);
+    gw_mvalue_t value, name;
+    if (gw_mreader_next (&reader, &value) || value.type != GW_MP_MAP) {
+        s_fail (error, error_size, "the file must hold a JSON object");
+        return NULL;
+    }
+    s_config_t *config = s_config_new (self->base);
+    //  Entities are kept as (fields, present) until the defaults are known.
+    typedef struct {
+        int kind;
+        char *name;
+        uint64_t fields[FIELDS];
+        uint32_t present;
+    } s_pending_t;
+    zlistx_t *pending = zlistx_new ();
+    assert (pending);
+    zlistx_set_destructor (pending, NULL);
+    uint32_t default_present[KINDS] = {0};
+    uint64_t default_fields[KINDS][FIELDS];
+    memset (default_fields, 0, sizeof (default_fields));
+    bool ok = false;
+    char where[NAME_MAX_ + 64];
+    size_t entries = 0;
+    for (uint32_t i = 0; i < value.v.count; i++) {
+        if (gw_mreader_next (&reader, &name) || name.type != GW_MP_STR) {
+            s_fail (error, error_size, "malformed member name");
+            goto done;
+        }
+        bool defaults = gw_mvalue_streq (&name, "defaults");
+        int kind = defaults ? -1 : s_kind (name.ptr, name.size, s_plurals);
+        if (!defaults && kind < 0) {
+            s_fail (error, error_size,
+                "unknown member \"%.*s\" (expected defaults, keys, users, groups, "
+                "models, ips)",
+                (int)(name.size > 40 ? 40 : name.size), name.ptr);
+            goto done;
+        }
+        gw_mvalue_t map;
+        if (gw_mreader_next (&reader, &map) || map.type != GW_MP_MAP) {
+            s_fail (error, error_size, "%s: must be an object",
+                defaults ? "defaults" : s_plurals[kind]);
+            goto done;
+        }
+        for (uint32_t j = 0; j < map.v.count; j++) {
+            gw_mvalue_t entity;
+            if (gw_mreader_next (&reader, &entity) || !s_name_valid (&entity)) {
+                s_fail (error, error_size, "%s: names must be 1 to %d characters",
+                    defaults ? "defaults" : s_plurals[kind], NAME_MAX_);
+                goto done;
+            }
+            snprintf (where, sizeof (where), "%s.%.*s",
+                defaults ? "defaults" : s_plurals[kind], (int)entity.size, entity.ptr);
+            if (defaults) {
+                int k = s_kind (entity.ptr, entity.size, s_kinds);
+                if (k < 0) {
+                    s_fail (error, error_size,
+                        "%s: unknown kind (expected key, user, group, model, ip)", where);
+                    goto done;
+                }
+                if (s_parse_limits (&reader, default_fields[k], &default_present[k],
+                        where, error, error_size))
+                    goto done;
+                continue;
+            }
+            if (++entries > ENTRIES_MAX) {
+                s_fail (error, error_size, "more than %d entries", ENTRIES_MAX);
+                goto done;
+            }
+            s_pending_t *item = (s_pending_t *)zmalloc (sizeof (s_pending_t));
+            assert (item);
+            item->kind = kind;
+            item->name = (char *)zmalloc (entity.size + 1);
+            assert (item->name);
+            memcpy (item->name, entity.ptr, entity.size);
+            zlistx_add_end (pending, item);
+            if (s_parse_limits (
+                    &reader, item->fields, &item->present, where, error, error_size))
+                goto done;
+        }
+    }
+    for (int k = 0; k < KINDS; k++)
+        s_merge (
+            &config->defaults[k], &self->base[k], default_fields[k], default_present[k]);
+    for (s_pending_t *item = (s_pending_t *)zlistx_first (pending); item;
+         item = (s_pending_t *)zlistx_next (pending)) {
+        gw_limits_t *limits = (gw_limits_t *)zmalloc (sizeof (gw_limits_t));
+        assert (limits);
+        s_merge (limits, &config->defaults[item->kind], item->fields, item->present);
+        if (zhashx_insert (config->entries[item->kind], item->name, limits)) {
+            free (limits);
+            s_fail (error, error_size, "%s.%s: listed twice", s_plurals[item->kind],
+                item->name);
+            goto done;
+        }
+    }
+    ok = true;
+done:
+    for (s_pending_t *item = (s_pending_t *)zlistx_first (pending); item;
+         item = (s_pending_t *)zlistx_next (pending)) {
+        free (item->name);
+        free (item);
+    }
+    zlistx_destroy (&pending);
+    if (!ok)
+        s_config_destroy (&config);
+    return config;
+}
+
+static int
+s_load_limits (gw_ratelimit_t *self, char *error, size_t error_size)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    int rc = s_read_json (
+        self->limits_file.path, &self->limits_file, &sbuf, error, error_size);
+    if (rc == 0) {
+        char detail[384];
+        s_config_t *config =
+            s_parse_limits_file (self, sbuf.data, sbuf.size, detail, sizeof (detail));
+        if (config) {
+            s_config_destroy (&self->config);
+            self->config = config;
+        }
+        else
+            rc = s_fail (error, error_size, "%s: %s", self->limits_file.path, detail);
+    }
+    msgpack_sbuffer_destroy (&sbuf);
+    return rc;
+}
+
+int
+gw_ratelimit_set_limits_file (
+    gw_ratelimit_t *self, const char *path, char *error, size_t error_size)
+{
+    assert (self);
+    assert (path);
+    free (self->limits_file.path);
+    self->limits_file.path = strdup (path);
+    self->checked_at = gw_mono_ms ();
+    return s_load_limits (self, error, error_size);
+}
+
+static int
+s_load_prices (gw_ratelimit_t *self, char *error, size_t error_size)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    const char *path = self->prices_file.path;
+    int rc = s_read_json (path, &self->prices_file, &sbuf, error, error_size);
+    zhashx_t *prices = NULL;
+    if (rc)
+        goto done;
+    rc = -1;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, sbuf.data, sbuf.size);
+    gw_mvalue_t value, name, field, number;
+    if (gw_mreader_next (&reader, &value) || value.type != GW_MP_MAP) {
+        s_fail (error, error_size, "%s: the file must hold a JSON object", path);
+        goto done;
+    }
+    prices = zhashx_new ();
+    assert (prices);
+    zhashx_set_destructor (prices, (zhashx_destructor_fn *)zstr_free);
+    for (uint32_t i = 0; i < value.v.count; i++) {
+        gw_mvalue_t map;
+        if (gw_mreader_next (&reader, &name) || !s_name_valid (&name) ||
+            gw_mreader_next (&reader, &map) || map.type != GW_MP_MAP) {
+            s_fail (error, error_size,
+                "%s: entry %u: expected \"model\": {\"input\": …, \"output\": …}", path,
+                i);
+            goto done;
+        }
+        s_price_t *price = (s_price_t *)zmalloc (sizeof (s_price_t));
+        assert (price);
+        char model[NAME_MAX_ + 1];
+        memcpy (model, name.ptr, name.size);
+        model[name.size] = 0;
+        if (zhashx_insert (prices, model, price)) {
+            free (price);
+            s_fail (error, error_size, "%s: %s listed twice", path, model);
+            goto done;
+        }
+        bool have_input = false, have_cached = false;
+        for (uint32_t j = 0; j < map.v.count; j++) {
+            if (gw_mreader_next (&reader, &field) || field.type != GW_MP_STR) {
+                s_fail (error, error_size, "%s: %s: malformed field", path, model);
+                goto done;
+            }
+            //  Unknown fields (descriptions, currency…) are ignored.
+            uint64_t *target = gw_mvalue_streq (&field, "input") ? &price->input
+                : gw_mvalue_streq (&field, "output")             ? &price->output
+                : gw_mvalue_streq (&field, "cached_input")       ? &price->cached_input
+                                                                 : NULL;
+            if (!target) {
+                if (gw_mreader_skip (&reader, DEPTH_MAX)) {
+                    s_fail (error, error_size, "%s: %s: malformed value", path, model);
+                    goto done;
+                }
+                continue;
+            }
+            //  USD per 1M tokens (docs/BILLING.md "Price file"): a JSON
+            //  number or a decimal string, at most 6 decimals, <= 10^6.
+            bool valid = gw_mreader_next (&reader, &number) == 0;
+            if (valid && number.type == GW_MP_UINT)
+                valid = number.v.u <= 1000000 && (*target = number.v.u * 1000000, true);
+            else if (valid && number.type == GW_MP_FLOAT)
+                valid = number.v.f >= 0 && number.v.f <= 1000000 &&
+                    (*target = (uint64_t)llround (number.v.f * 1e6), true);
+            else if (valid && number.type == GW_MP_STR && number.size < 32) {
+                char decimal[32];
+                memcpy (decimal, number.ptr, number.size);
+                decimal[number.size] = 0;
+                valid = s_parse_millionths (decimal, target) == 0;
+            }
+            else
+                valid = false;
+            if (!valid) {
+                s_fail (error, error_size,
+                    "%s: %s.%.*s: must be USD per 1M tokens, 0 to 1000000 (a number or "
+                    "a decimal string)",
+                    path, model, (int)field.size, field.ptr);
+                goto done;
+            }
+            if (target == &price->input)
+                have_input = true;
+            if (target == &price->cached_input)
+                have_cached = true;
+        }
+        if (have_input && !have_cached)
+            price->cached_input = price->input;
+    }
+    zhashx_destroy (&self->prices);
+    self->prices = prices;
+    prices = NULL;
+    rc = 0;
+done:
+    zhashx_destroy (&prices);
+    msgpack_sbuffer_destroy (&sbuf);
+    return rc;
+}
+
+int
+gw_ratelimit_set_prices_file (
+    gw_ratelimit_t *self, const char *path, char *error, size_t error_size)
+{
+    assert (self);
+    assert (path);
+    free (self->prices_file.path);
+    self->prices_file.path = strdup (path);
+    self->checked_at = gw_mono_ms ();
+    return s_load_prices (self, error, error_size);
+}
+
+static bool
+s_changed (s_watch_t *watch)
+{
+    struct stat info;
+    if (!watch->path || stat (watch->path, &info))
+        return false;
+    return info.st_mtim.tv_sec != watch->mtime.tv_sec ||
+        info.st_mtim.tv_nsec != watch->mtime.tv_nsec || info.st_size != watch->size ||
+        info.st_ino != watch->inode;
+}
+
+int
+gw_ratelimit_refresh (gw_ratelimit_t *self, bool force, int interval_ms)
+{
+    assert (self);
+    int64_t now = gw_mono_ms ();
+    if (!force && now - self->checked_at < interval_ms)
+        return 0;
+    self->checked_at = now;
+    int rc = 0;
+    char error[512];
+    if (self->limits_file.path && (force || s_changed (&self->limits_file))) {
+        if (s_load_limits (self, error, sizeof (error))) {
+            gw_error ("ratelimit: reloading limits failed: %s (keeping the last good "
+                      "limits)",
+                error);
+            rc = -1;
+        }
+        else {
+            gw_info ("ratelimit: limits file %s loaded", self->limits_file.path);
+            rc = 1;
+        }
+    }
+    if (self->prices_file.path && (force || s_changed (&self->prices_file))) {
+        if (s_load_prices (self, error, sizeof (error))) {
+            gw_error ("ratelimit: reloading prices failed: %s (keeping the last good "
+                      "prices)",
+                error);
+            rc = -1;
+        }
+        else {
+            gw_info ("ratelimit: prices file %s loaded, %zu model(s)",
+                self->prices_file.path, zhashx_size (self->prices));
+            if (rc == 0)
+                rc = 1;
+        }
+    }
+    return rc;
+}
+
+int
+gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size)
+{
+    assert (self);
+    gw_limits_t key = self->base[0];
+    const char *names[] = {"RATE_LIMIT_REQUESTS_PER_MINUTE", "RATE_LIMIT_BURST",
+        "AIGW_TPM", "AIGW_MAX_CONCURRENT", "AIGW_DEFAULT_MAX_TOKENS"};
+    uint64_t *targets[] = {
+        &key.rpm, &key.burst, &key.tpm, &key.concurrency, &self->default_max_tokens};
+    for (int i = 0; i < 5; i++) {
+        const char *text = gw_env (names[i], NULL);
+        if (!text)
+            continue;
+        char *end;
+        errno = 0;
+        unsigned long long value = strtoull (text, &end, 10);
+        if (!isdigit ((unsigned char)*text) || *end || errno ||
+            value > ((uint64_t)1 << 53))
+            return s_fail (
+                error, error_size, "%s must be a whole number (0 = unlimited)", names[i]);
+        *targets[i] = value;
+    }
+    gw_ratelimit_set_defaults (self, "key", &key);
+    const char *multiplier = gw_env ("AIGW_PRICE_MULTIPLIER", NULL);
+    if (multiplier && s_parse_millionths (multiplier, &self->multiplier))
+        return s_fail (
+            error, error_size, "AIGW_PRICE_MULTIPLIER must be a decimal number like 1.5");
+    const char *limits = gw_env ("AIGW_LIMITS_FILE", NULL);
+    if (limits && gw_ratelimit_set_limits_file (self, limits, error, error_size))
+        return -1;
+    const char *prices = gw_env ("AIGW_PRICES_FILE", NULL);
+    if (prices && gw_ratelimit_set_prices_file (self, prices, error, error_size))
+        return -1;
+    return 0;
+}
+
+//  --------------------------------------------------------------------------
+//  Estimate
+
+static bool
+s_key_in (const gw_mvalue_t *key, const char *const *names)
+{
+    for (int i = 0; names[i]; i++)
+        if (gw_mvalue_streq (key, names[i]))
+            return true;
+    return false;
+}
+
+//  Add the bytes of every string in the next value to *bytes.
+static int
+s_text_bytes (gw_mreader_t *reader, int depth, uint64_t *bytes)
+{
+    static const char *skipped[] = {"image_url", "input_audio", "file", NULL};
+    gw_mvalue_t value, key;
+    if (depth > DEPTH_MAX || gw_mreader_next (reader, &value))
+        return -1;
+    if (value.type == GW_MP_STR)
+        *bytes += value.size;
+    else if (value.type == GW_MP_ARRAY) {
+        for (uint32_t i = 0; i < value.v.count; i++)
+            if (s_text_bytes (reader, depth + 1, bytes))
+                return -1;
+    }
+    else if (value.type == GW_MP_MAP) {
+        for (uint32_t i = 0; i < value.v.count; i++) {
+            if (gw_mreader_next (reader, &key) || key.type == GW_MP_ARRAY ||
+                key.type == GW_MP_MAP)
+                return -1;
+            int rc = key.type == GW_MP_STR && s_key_in (&key, skipped)
+                ? gw_mreader_skip (reader, DEPTH_MAX)
+                : s_text_bytes (reader, depth + 1, bytes);
+            if (rc)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+int
+gw_ratelimit_estimate (gw_ratelimit_t *self, const char *op, const char *model,
+    const void *body, size_t size, gw_ratelimit_estimate_t *estimate)
+{
+    assert (self);
+    assert (estimate);
+    static const char *prompt_keys[] = {"messages", "prompt", "input", "tools",
+        "functions", "system", "instructions", NULL};
+    memset (estimate, 0, sizeof (*estimate));
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, body ? body : "", body ? size : 0);
+    gw_mvalue_t value, key, number;
+    if (gw_mreader_next (&reader, &value) || value.type != GW_MP_MAP)
+        return -1;
+    uint64_t bytes = 0, max_tokens = 0, n = 1;
+    int max_rank = 0;  //  3 max_completion_tokens, 2 max_tokens, 1 max_output_tokens
+    for (uint32_t i = 0; i < value.v.count; i++) {
+        if (gw_mreader_next (&reader, &key) || key.type == GW_MP_ARRAY ||
+            key.type == GW_MP_MAP)
+            return -1;
+        int rank = gw_mvalue_streq (&key, "max_completion_tokens") ? 3
+            : gw_mvalue_streq (&key, "max_tokens")                 ? 2
+            : gw_mvalue_streq (&key, "max_output_tokens")          ? 1
+                                                                   : 0;
+        if (key.type == GW_MP_STR && s_key_in (&key, prompt_keys)) {
+            if (s_text_bytes (&reader, 0, &bytes))
+                return -1;
+        }
+        else if (rank || gw_mvalue_streq (&key, "n")) {
+            if (gw_mreader_next (&reader, &number))
+                return -1;
+            if (number.type != GW_MP_UINT)
+                continue;  //  null or wrong type: the provider will say so
+            if (!rank)
+                n = number.v.u < 1 ? 1 : number.v.u > 128 ? 128 : number.v.u;
+            else if (rank > max_rank) {
+                max_rank = rank;
+                max_tokens = number.v.u > 100000000 ? 100000000 : number.v.u;
+            }
+        }
+        else if (gw_mreader_skip (&reader, DEPTH_MAX))
+            return -1;
+    }
+    bool embeddings = op && streq (op, "embeddings");
+    if (!max_rank)
+        max_tokens = embeddings ? 0 : self->default_max_tokens;
+    estimate->prompt_tokens = (bytes + 2) / 3;
+    estimate->max_tokens = max_tokens * n;
+    const s_price_t *price =
+        model ? (const s_price_t *)zhashx_lookup (self->prices, model) : NULL;
+    if (!price)
+        price = (const s_price_t *)zhashx_lookup (self->prices, "*");
+    if (price) {
+        unsigned __int128 micros =
+            (unsigned __int128)estimate->prompt_tokens * price->input +
+            (unsigned __int128)estimate->max_tokens * price->output;
+        micros *= self->multiplier;
+        unsigned __int128 scale = (unsigned __int128)1000000 * 1000000;
+        micros = (micros + scale - 1) / scale;
+        estimate->cost =
+            micros > ((uint64_t)1 << 62) ? (uint64_t)1 << 62 : (uint64_t)micros;
+    }
+    return 0;
+}
+
+//  --------------------------------------------------------------------------
+//  Admission
+
+static int s_refuse (gw_ratelimit_refusal_t *refusal, uint16_t status, const char *type,
+    const char *code, int64_t retry_after, const char *format, ...)
+    __attribute__ ((format (printf, 6, 7)));
+
+static int
+s_refuse (gw_ratelimit_refusal_t *refusal, uint16_t status, const char *type,
+    const char *code, int64_t retry_after, const char *format, ...)
+{
+    refusal->status = status;
+    refusal->type = type;
+    refusal->code = code;
+    refusal->retry_after = retry_after;
+    va_list args;
+    va_start (args, format);
+    vsnprintf (refusal->message, sizeof (refusal->message), format, args);
+    va_end (args);
+    return GW_DONE;
+}
+
+//  A scope name "kind:id" for the limiter: ids that are long or hold
+//  control characters are replaced by a digest so keys stay bounded.
+static void
+s_scope_name (const char *kind, const char *id, char *out, size_t out_size)
+{
+    size_t size = strlen (id);
+    bool plain = size <= 128;
+    for (size_t i = 0; plain && i < size; i++)
+        plain = (unsigned char)id[i] >= 0x20 && id[i] != 0x7f;
+    if (plain)
+        snprintf (out, out_size, "%s:%s", kind, id);
+    else {
+        uint64_t hash = 14695981039346656037ULL;  //  FNV-1a
+        for (size_t i = 0; i < size; i++)
+            hash = (hash ^ (unsigned char)id[i]) * 1099511628211ULL;
+        snprintf (out, out_size, "%s:~%016" PRIx64, kind, hash);
+    }
+}
+
+//  "600ms", "1.5s", "6m0s", "1h2m3s" (OpenAI's reset header style).
+static void
+s_duration (int64_t ms, char *out, size_t size)
+{
+    if (ms < 0)
+        ms = 0;
+    if (ms < 1000) {
+        snprintf (out, size, "%" PRId64 "ms", ms);
+        return;
+    }
+    int64_t hours = ms / 3600000, minutes = ms / 60000 % 60;
+    int64_t seconds = ms / 1000 % 60, millis = ms % 1000;
+    char secs[32];
+    if (millis == 0)
+        snprintf (secs, sizeof (secs), "%" PRId64 "s", seconds);
+    else {
+        snprintf (secs, sizeof (secs), "%" PRId64 ".%03" PRId64, seconds, millis);
+        size_t len = strlen (secs);
+        while (secs[len - 1] == '0')
+            secs[--len] = 0;
+        strcat (secs, "s");
+    }
+    if (hours)
+        snprintf (out, size, "%" PRId64 "h%" PRId64 "m%s", hours, minutes, secs);
+    else if (minutes)
+        snprintf (out, size, "%" PRId64 "m%s", minutes, secs);
+    else
+        snprintf (out, size, "%s", secs);
+}
+
+//  Write ann.headers: the x-ratelimit-* values of result, merged over any
+//  ann.headers already present (str -> str pairs kept).
+static void
+s_headers (gw_envelope_t *envelope, const gw_limiter_result_t *result)
+{
+    char values[6][32];
+    const char *names[6] = {"x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens"};
+    bool have[6] = {false};
+    if (result->limit_requests >= 0) {
+        snprintf (values[0], 32, "%" PRId64, result->limit_requests);
+        snprintf (values[1], 32, "%" PRId64, result->remaining_requests);
+        s_duration (result->reset_requests_ms, values[2], 32);
+        have[0] = have[1] = have[2] = true;
+    }
+    if (result->limit_tokens >= 0) {
+        snprintf (values[3], 32, "%" PRId64, result->limit_tokens);
+        snprintf (values[4], 32, "%" PRId64, result->remaining_tokens);
+        if (result->reset_tokens_ms >= 0) {
+            s_duration (result->reset_tokens_ms, values[5], 32);
+            have[5] = true;
+        }
+        have[3] = have[4] = true;
+    }
+    int count = 0;
+    for (int i = 0; i < 6; i++)
+        count += have[i];
+    if (!count)
+        return;
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+    //  Keep earlier stages' headers (other names), at most 16.
+    size_t old_size = 0;
+    const void *old = gw_envelope_ann_raw (envelope, "headers", &old_size);
+    gw_mreader_t reader;
+    gw_mvalue_t value, name;
+    uint32_t kept = 0;
+    const char *kept_ptr[16][2];
+    uint32_t kept_size[16][2];
+    if (old) {
+        gw_mreader_init (&reader, old, old_size);
+        if (gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP) {
+            for (uint32_t i = 0; i < value.v.count && kept < 16; i++) {
+                gw_mvalue_t item;
+                if (gw_mreader_next (&reader, &name) || gw_mreader_next (&reader, &item))
+                    break;
+                if (name.type != GW_MP_STR || item.type != GW_MP_STR ||
+                    (name.size > 13 && strncasecmp (name.ptr, "x-ratelimit-", 12) == 0))
+                    continue;
+                kept_ptr[kept][0] = name.ptr, kept_size[kept][0] = name.size;
+                kept_ptr[kept][1] = item.ptr, kept_size[kept][1] = item.size;
+                kept++;
+            }
+        }
+    }
+    msgpack_pack_map (&pk, (size_t)count + kept);
+    for (uint32_t i = 0; i < kept; i++)
+        for (int j = 0; j < 2; j++) {
+            msgpack_pack_str (&pk, kept_size[i][j]);
+            msgpack_pack_str_body (&pk, kept_ptr[i][j], kept_size[i][j]);
+        }
+    for (int i = 0; i < 6; i++)
+        if (have[i]) {
+            gw_mpack_str (&pk, names[i]);
+            gw_mpack_str (&pk, values[i]);
+        }
+    gw_envelope_set_ann_raw (envelope, "headers", sbuf.data, sbuf.size);
+    msgpack_sbuffer_destroy (&sbuf);
+}
+
+//  Write ann.rl (STAGES.md §6.1).
+static void
+s_annotate (gw_envelope_t *envelope, uint64_t hold, uint64_t tokens, bool lease,
+    const gw_limiter_request_t *request)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+    msgpack_pack_map (&pk, 4);
+    gw_mpack_str (&pk, "hold");
+    msgpack_pack_uint64 (&pk, hold);
+    gw_mpack_str (&pk, "est_tokens");
+    msgpack_pack_uint64 (&pk, tokens);
+    gw_mpack_str (&pk, "lease");
+    if (lease)
+        msgpack_pack_true (&pk);
+    else
+        msgpack_pack_false (&pk);
+    gw_mpack_str (&pk, "scopes");
+    msgpack_pack_array (&pk, request ? request->scopes : 0);
+    for (size_t i = 0; request && i < request->scopes; i++)
+        gw_mpack_str (&pk, request->scope[i]);
+    gw_envelope_set_ann_raw (envelope, "rl", sbuf.data, sbuf.size);
+    msgpack_sbuffer_destroy (&sbuf);
+}
+
+static const char *
+s_unit (int limit)
+{
+    if (limit == GW_LIMIT_RPM || (limit >= GW_LIMIT_REQUESTS && limit < GW_LIMIT_TOKENS))
+        return "requests";
+    if (limit == GW_LIMIT_TPM || (limit >= GW_LIMIT_TOKENS && limit < GW_LIMIT_COST))
+        return "tokens";
+    return "micro-units";
+}
+
+static uint64_t
+s_limit_value (const gw_limits_t *limits, int limit)
+{
+    const uint64_t *fields = (const uint64_t *)limits;
+    static const int field[] = {
+        -1, 0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    if (limit <= 0 || limit > GW_LIMIT_BUDGET)
+        return 0;
+    return fields[field[limit]];
+}
+
+int
+gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *body,
+    size_t size, gw_ratelimit_refusal_t *refusal)
+{
+    assert (self);
+    assert (envelope);
+    assert (refusal);
+    memset (refusal, 0, sizeof (*refusal));
+    refusal->retry_after = -1;
+    const char *op = gw_envelope_ann_str (envelope, "op");
+    if (!op ||
+        !(streq (op, "chat") || streq (op, "completions") || streq (op, "embeddings") ||
+            streq (op, "responses")))
+        return GW_OK;  //  models and other metadata: no limits
+    const char *model = gw_envelope_model (envelope);
+    gw_ratelimit_estimate_t estimate;
+    if (gw_ratelimit_estimate (self, op, model, body, size, &estimate))
+        return s_refuse (refusal, 400, "invalid_request_error", "invalid_body", -1,
+            "The request body could not be read.");
+
+    gw_limiter_request_t request;
+    memset (&request, 0, sizeof (request));
+    memcpy (request.rid, gw_envelope_rid (envelope), 16);
+    char names[KINDS][GW_LIMITER_SCOPE_MAX + 1];
+    const char *ids[KINDS] = {gw_envelope_tenant_str (envelope, "key"),
+        gw_envelope_tenant_str (envelope, "user"),
+        gw_envelope_tenant_str (envelope, "group"), model,
+        gw_envelope_ann_str (envelope, "ip")};
+    bool lease = false;
+    for (int k = 0; k < KINDS; k++) {
+        if (!ids[k] || !*ids[k])
+            continue;
+        const gw_limits_t *limits =
+            (const gw_limits_t *)zhashx_lookup (self->config->entries[k], ids[k]);
+        if (!limits)
+            limits = &self->config->defaults[k];
+        if (gw_limits_empty (limits))
+            continue;
+        s_scope_name (s_kinds[k], ids[k], names[k], sizeof (names[k]));
+        request.scope[request.scopes] = names[k];
+        request.limits[request.scopes] = *limits;
+        request.scopes++;
+        lease = lease || limits->concurrency > 0;
+    }
+    request.tokens = estimate.prompt_tokens + estimate.max_tokens;
+    request.cost = estimate.cost;
+    int64_t now = gw_time_ms ();
+    int64_t deadline = (int64_t)gw_envelope_deadline (envelope);
+    request.lease_ms = deadline > now ? deadline - now + 60000 : LEASE_DEFAULT_MS;
+    if (request.lease_ms > LEASE_MAX_MS)
+        request.lease_ms = LEASE_MAX_MS;
+
+    gw_limiter_result_t result;
+    int rc = gw_limiter_admit (self->limiter, &request, &result);
+    s_headers (envelope, &result);
+    if (rc == 0) {
+        if (result.unavailable)  //  failing open: nothing reserved
+            s_annotate (envelope, 0, 0, false, NULL);
+        else
+            s_annotate (envelope, request.cost, request.tokens, lease, &request);
+        if (self->verbose)
+            gw_debug ("ratelimit: admitted tokens=%" PRIu64 " hold=%" PRIu64 "%s",
+                request.tokens, request.cost,
+                result.unavailable ? " (failing open)" : "");
+        return GW_OK;
+    }
+    int64_t retry = result.retry_after_ms < 0 ? -1 : (result.retry_after_ms + 999) / 1000;
+    if (retry == 0)
+        retry = 1;
+    if (retry >= 0)
+        gw_envelope_set_ann_int (envelope, "retry_after", retry);
+    if (self->verbose)
+        gw_debug ("ratelimit: refused by %s", gw_limiter_limit_name (result.limit));
+    if (result.limit == GW_LIMIT_UNAVAILABLE)
+        return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", retry,
+            "Rate limits cannot be checked right now (the limit store is unavailable), "
+            "so the request was refused. Please try again shortly.");
+    const char *scope = result.scope >= 0 && (size_t)result.scope < request.scopes
+        ? request.scope[result.scope]
+        : "?";
+    uint64_t value = result.scope >= 0 && (size_t)result.scope < request.scopes
+        ? s_limit_value (&request.limits[result.scope], result.limit)
+        : 0;
+    const char *name = gw_limiter_limit_name (result.limit);
+    char wait[32] = "";
+    if (retry >= 0)
+        s_duration (result.retry_after_ms, wait, sizeof (wait));
+    if (result.limit == GW_LIMIT_BUDGET ||
+        (result.limit >= GW_LIMIT_COST && result.limit < GW_LIMIT_BUDGET))
+        return s_refuse (refusal, 429, "insufficient_quota", "insufficient_quota", retry,
+            "You exceeded your current quota (%s of %" PRIu64
+            " micro-units on %s); this request would hold %" PRIu64 " more.%s%s",
+            name, value, scope, request.cost, retry >= 0 ? " Please try again in " : "",
+            retry >= 0 ? wait : "");
+    if (retry < 0)
+        return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", -1,
+            "Request too large for %s on %s: limit %" PRIu64 " %s, requested %" PRIu64
+            ". Lower max_tokens or the prompt size.",
+            name, scope, value, s_unit (result.limit), request.tokens);
+    return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", retry,
+        "Rate limit reached for %s on %s: limit %" PRIu64 " %s. Please try again in %s.",
+        name, scope, value, s_unit (result.limit), wait);
+}
+
+//  --------------------------------------------------------------------------
+//  Actor
+
+typedef struct {
+    zsock_t *pipe;  //  actor pipe
+    gw_ratelimit_t *stage;  //  owned
+    gw_worker_t *worker;  //  session for "ratelimit", NULL before CONNECT
+    gw_envelope_t *envelope;  //  reused for every request
+    uint32_t capacity;  //  READY capacity
+    int heartbeat;  //  bus session heartbeat (ms), 0 = default
+    int expiry;  //  bus session expiry (ms), 0 = default
+    bool terminated;  //  $TERM received
+} s_actor_t;
+
+//  FINAL with the envelope (ann.retry_after, ann.headers) and an OpenAI error.
+static void
+s_final_error (s_actor_t *self, const uint8_t *rid, const gw_ratelimit_refusal_t *refusal)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+    msgpack_pack_map (&pk, 1);
+    gw_mpack_str (&pk, "error");
+    msgpack_pack_map (&pk, 4);
+    gw_mpack_str (&pk, "message");
+    gw_mpack_str (&pk, refusal->message);
+    gw_mpack_str (&pk, "type");
+    gw_mpack_str (&pk, refusal->type);
+    gw_mpack_str (&pk, "param");
+    msgpack_pack_nil (&pk);
+    gw_mpack_str (&pk, "code");
+    gw_mpack_str (&pk, refusal->code);
+    zframe_t *body = zframe_new (sbuf.data, sbuf.size);
+    msgpack_sbuffer_destroy (&sbuf);
+    zframe_t *envelope = gw_envelope_encode (self->envelope);
+    gw_worker_final (self->worker, rid, refusal->status, &envelope, &body);
+}
+
+//  Settle or release: body {rid: bin 16 | hex str, tokens, cost}.
+static void
+s_settle (s_actor_t *self, gw_msg_t *request, bool release)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    zframe_t *frame = gw_msg_body (request);
+    gw_mreader_t reader;
+    gw_mreader_init (
+        &reader, frame ? zframe_data (frame) : NULL, frame ? zframe_size (frame) : 0);
+    gw_mvalue_t value, key, item;
+    uint8_t target[16];
+    bool have_rid = false;
+    uint64_t tokens = 0, cost = 0;
+    bool ok = gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP;
+    for (uint32_t i = 0; ok && i < value.v.count; i++) {
+        ok = gw_mreader_next (&reader, &key) == 0 && key.type == GW_MP_STR &&
+            gw_mreader_next (&reader, &item) == 0;
+        if (!ok)
+            break;
+        if (gw_mvalue_streq (&key, "rid")) {
+            char hex[40];
+            if (item.type == GW_MP_BIN && item.size == 16) {
+                memcpy (target, item.ptr, 16);
+                have_rid = true;
+            }
+            else if (item.type == GW_MP_STR && item.size < sizeof (hex)) {
+                memcpy (hex, item.ptr, item.size);
+                hex[item.size] = 0;
+                have_rid = gw_rid_parse (hex, target) == 0;
+            }
+            ok = have_rid;
+        }
+        else if (gw_mvalue_streq (&key, "tokens") || gw_mvalue_streq (&key, "cost")) {
+            ok = item.type == GW_MP_UINT;
+            if (ok)
+                *(gw_mvalue_streq (&key, "tokens") ? &tokens : &cost) = item.v.u;
+        }
+        else if (item.type == GW_MP_ARRAY || item.type == GW_MP_MAP) {
+            //  Other members (scopes, hold, est_tokens, lease) are in the
+            //  limiter's own record; skip their contents.
+            uint32_t count = item.type == GW_MP_MAP ? item.v.count * 2 : item.v.count;
+            for (uint32_t j = 0; ok && j < count; j++)
+                ok = gw_mreader_skip (&reader, DEPTH_MAX) == 0;
+        }
+    }
+    if (!ok || !have_rid) {
+        gw_worker_error (self->worker, rid, 400, "invalid_request_error", "invalid_body",
+            "settle/release needs a body {rid: 16 bytes or 32 hex digits, tokens, "
+            "cost}.");
+        return;
+    }
+    int rc = release ? gw_limiter_release (self->stage->limiter, target)
+                     : gw_limiter_settle (self->stage->limiter, target, tokens, cost);
+    if (rc < 0) {
+        gw_worker_error (self->worker, rid, 503, "api_error", "ratelimit_unavailable",
+            "The limit store is unavailable; the hold expires by itself.");
+        return;
+    }
+    zframe_t *body = zframe_new (rc ? "\x81\xa7settled\xc3" : "\x81\xa7settled\xc2", 10);
+    gw_worker_final (self->worker, rid, 200, NULL, &body);
+}
+
+static void
+s_handle (s_actor_t *self, gw_msg_t *request)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    zframe_t *frame = gw_msg_envelope (request);
+    if (!frame ||
+        gw_envelope_decode (self->envelope, zframe_data (frame), zframe_size (frame))) {
+        gw_worker_error (self->worker, rid, 400, "invalid_request_error",
+            "invalid_envelope", "The request envelope could not be decoded.");
+        return;
+    }
+    const char *op = gw_envelope_ann_str (self->envelope, "op");
+    if (op && (streq (op, "settle") || streq (op, "release"))) {
+        s_settle (self, request, streq (op, "release"));
+        return;
+    }
+    zframe_t *body = gw_msg_body (request);
+    gw_ratelimit_refusal_t refusal;
+    if (gw_ratelimit_admit (self->stage, self->envelope, body ? zframe_data (body) : NULL,
+            body ? zframe_size (body) : 0, &refusal) != GW_OK) {
+        s_final_error (self, rid, &refusal);
+        return;
+    }
+    if (gw_worker_forward (self->worker, request, self->envelope) &&
+        !gw_worker_cancelled (self->worker, rid))
+        gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
+            "The gateway could not forward this request.");
+}
+
+static void
+s_on_pipe (s_actor_t *self)
+{
+    zmsg_t *msg = zmsg_recv (self->pipe);
+    if (!msg) {
+        self->terminated = true;
+        return;
+    }
+    char *command = zmsg_popstr (msg);
+    if (!command || streq (command, "$TERM"))
+        self->terminated = true;
+    else if (streq (command, "VERBOSE"))
+        self->stage->verbose = true;
+    else if (streq (command, "RELOAD"))
+        zsock_signal (
+            self->pipe, gw_ratelimit_refresh (self->stage, true, 0) < 0 ? 1 : 0);
+    else if (streq (command, "CONNECT")) {
+        char *endpoint = zmsg_popstr (msg);
+        if (!self->worker && endpoint) {
+            self->worker = gw_worker_new (
+                endpoint, "ratelimit", self->capacity, GW_READY_IDEMPOTENT);
+            if (self->worker && self->heartbeat && self->expiry)
+                gw_worker_set_heartbeat (self->worker, self->heartbeat, self->expiry);
+        }
+        zsock_signal (self->pipe, self->worker ? 0 : 1);
+        zstr_free (&endpoint);
+    }
+    else if (streq (command, "CONFIGURE")) {
+        char *key = zmsg_popstr (msg);
+        char *value = zmsg_popstr (msg);
+        long number = value ? atol (value) : 0;
+        int rc = 1;
+        if (key && streq (key, "capacity") && number >= 1 && number <= 65535) {
+            self->capacity = (uint32_t)number;
+            rc = 0;
+        }
+        else if (key && streq (key, "heartbeat") && number >= 10 && number <= 60000) {
+            self->heartbeat = (int)number;
+            rc = 0;
+        }
+        else if (key && streq (key, "expiry") && number >= 20 && number <= 600000) {
+            self->expiry = (int)number;
+            rc = 0;
+        }
+        zsock_signal (self->pipe, (byte)rc);
+        zstr_free (&key);
+        zstr_free (&value);
+    }
+    else
+        gw_warn ("ratelimit: unknown command %s", command);
+    zstr_free (&command);
+    zmsg_destroy (&msg);
+}
+
+void
+gw_ratelimit_actor (zsock_t *pipe, void *args)
+{
+    assert (args);
+    s_actor_t self = {0};
+    self.pipe = pipe;
+    self.stage = (gw_ratelimit_t *)args;
+    self.envelope = gw_envelope_new ();
+    self.capacity = 1024;
+    zsock_signal (pipe, 0);
+    while (!self.terminated) {
+        zmq_pollitem_t items[2];
+        int count = 0;
+        items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
+        if (self.worker)
+            items[count++] = (zmq_pollitem_t){
+                zsock_resolve (gw_worker_socket (self.worker)), 0, ZMQ_POLLIN, 0};
+        long timeout = self.worker ? gw_worker_timeout (self.worker) : CHECK_MS;
+        if (timeout > CHECK_MS)
+            timeout = CHECK_MS;
+        if (zmq_poll (items, count, timeout) < 0) {
+            if (zmq_errno () == EINTR)
+                continue;
+            break;
+        }
+        if (items[0].revents & ZMQ_POLLIN)
+            s_on_pipe (&self);
+        if (self.terminated)
+            break;
+        gw_ratelimit_refresh (self.stage, false, CHECK_MS);
+        if (self.worker) {
+            gw_msg_t *msg;
+            while ((msg = gw_worker_recv (self.worker))) {
+                if (gw_msg_id (msg) == GW_MSG_REQUEST)
+                    s_handle (&self, msg);
+                else if (gw_msg_id (msg) == GW_MSG_CANCEL)
+                    gw_worker_final (self.worker, gw_msg_rid (msg), 499, NULL, NULL);
+                gw_msg_destroy (&msg);
+            }
+            gw_worker_tick (self.worker);
+        }
+    }
+    gw_worker_destroy (&self.worker);
+    gw_envelope_destroy (&self.envelope);
+    gw_ratelimit_destroy (&self.stage);
+}
+
+//  --------------------------------------------------------------------------
+//  Self test
+
+#include "gw_broker.h"
+
+static zframe_t *
+s_json_frame (const char *json)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+    gw_json_limits_t limits = gw_json_limits_default ();
+    gw_json_error_t jerror;
+    int rc = gw_json_to_msgpack (json, strlen (json), &pk, &limits, &jerror);
+    assert (rc == 0);
+    zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
+    msgpack_sbuffer_destroy (&sbuf);
+    return frame;
+}
+
+static void
+s_estimate (gw_ratelimit_t *self, const char *op, const char *model, const char *json,
+    gw_ratelimit_estimate_t *estimate)
+{
+    zframe_t *frame = s_json_frame (json);
+    int rc = gw_ratelimit_estimate (
+        self, op, model, zframe_data (frame), zframe_size (frame), estimate);
+    assert (rc == 0);
+    zframe_destroy (&frame);
+}
+
+static void
+s_write_file (const char *path, const char *text)
+{
+    char temp[256];
+    snprintf (temp, sizeof (temp), "%s.tmp", path);
+    FILE *file = fopen (temp, "wb");
+    assert (file);
+    fputs (text, file);
+    fclose (file);
+    int rc = rename (temp, path);
+    assert (rc == 0);
+}
+
+typedef struct {
+    gw_client_t *client;  //  the edge's stand-in
+    gw_worker_t *next;  //  the fake next stage: answers 200 with the envelope
+    int forwarded;  //  requests the next stage saw
+} s_rig_t;
+
+//  Send one request (slip ratelimit,next) and wait for its FINAL.
+static gw_msg_t *
+s_send (s_rig_t *rig, const char *op, const char *key, const char *user, const char *json,
+    uint8_t *rid_out)
+{
+    uint8_t rid[16];
+    gw_rid_new (rid);
+    if (rid_out)
+        memcpy (rid_out, rid, 16);
+    gw_envelope_t *env = gw_envelope_new ();
+    gw_envelope_set_rid (env, rid);
+    gw_envelope_slip_append (env, "ratelimit");
+    if (!streq (op, "settle") && !streq (op, "release"))
+        gw_envelope_slip_append (env, "next");
+    gw_envelope_set_deadline (env, (uint64_t)gw_time_ms () + 8000);
+    gw_envelope_set_model (env, "m");
+    gw_envelope_set_ann_str (env, "op", op);
+    gw_envelope_set_ann_str (env, "ip", "10.0.0.1");
+    if (key)
+        gw_envelope_set_tenant_str (env, "key", key);
+    if (user)
+        gw_envelope_set_tenant_str (env, "user", user);
+    zframe_t *frame = gw_envelope_encode (env);
+    gw_envelope_destroy (&env);
+    gw_msg_t *request = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (request, rid);
+    gw_msg_set_service (request, "ratelimit");
+    gw_msg_set_deadline (request, (uint64_t)gw_time_ms () + 8000);
+    gw_msg_set_envelope (request, &frame);
+    zframe_t *body = s_json_frame (json);
+    gw_msg_set_body (request, &body);
+    int rc = gw_client_send (rig->client, &request);
+    assert (rc == 0);
+    int64_t end = gw_mono_ms () + 10000;
+    while (gw_mono_ms () < end) {
+        gw_msg_t *msg;
+        while ((msg = gw_worker_recv (rig->next))) {
+            if (gw_msg_id (msg) == GW_MSG_REQUEST) {
+                rig->forwarded++;
+                zframe_t *echo = zframe_dup (gw_msg_envelope (msg));
+                gw_worker_final (rig->next, gw_msg_rid (msg), 200, NULL, &echo);
+            }
+            gw_msg_destroy (&msg);
+        }
+        gw_worker_tick (rig->next);
+        while ((msg = gw_client_recv (rig->client))) {
+            if (gw_msg_id (msg) == GW_MSG_FINAL &&
+                memcmp (gw_msg_rid (msg), rid, 16) == 0)
+                return msg;
+            gw_msg_destroy (&msg);
+        }
+        gw_client_tick (rig->client);
+        zclock_sleep (1);
+    }
+    assert (false);
+    return NULL;
+}
+
+//  Text of a string in a msgpack map (one level, or map.key), or "".
+static const char *
+s_field (const void *data, size_t size, const char *outer, const char *inner, char *out,
+    size_t out_size)
+{
+    gw_mreader_t reader;
+    gw_mvalue_t value;
+    out[0] = 0;
+    gw_mreader_init (&reader, data, size);
+    if (gw_mreader_find (&reader, outer) != 0)
+        return out;
+    if (inner && gw_mreader_find (&reader, inner) != 0)
+        return out;
+    if (gw_mreader_next (&reader, &value) == 0) {
+        if (value.type == GW_MP_STR && value.size < out_size) {
+            memcpy (out, value.ptr, value.size);
+            out[value.size] = 0;
+        }
+        else if (value.type == GW_MP_UINT)
+            snprintf (out, out_size, "%" PRIu64, value.v.u);
+        else if (value.type == GW_MP_BOOL)
+            snprintf (out, out_size, "%s", value.v.b ? "true" : "false");
+    }
+    return out;
+}
+
+static void
+s_settle_call (s_rig_t *rig, const char *op, const uint8_t *target, uint64_t tokens,
+    uint64_t cost, const char *expect)
+{
+    char rid_hex[33], json[256], text[64];
+    gw_rid_hex (target, rid_hex);
+    snprintf (json, sizeof (json),
+        "{\"rid\":\"%s\",\"scopes\":[\"key:k1\"],\"hold\":309,\"tokens\":%" PRIu64
+        ",\"cost\":%" PRIu64 ",\"est_tokens\":106,\"lease\":false}",
+        rid_hex, tokens, cost);
+    gw_msg_t *reply = s_send (rig, op, NULL, NULL, json, NULL);
+    assert (gw_msg_status (reply) == 200);
+    zframe_t *body = gw_msg_body (reply);
+    assert (streq (s_field (zframe_data (body), zframe_size (body), "settled", NULL, text,
+                       sizeof (text)),
+        expect));
+    gw_msg_destroy (&reply);
+}
+
+void
+gw_ratelimit_test (bool verbose)
+{
+    printf (" * gw_ratelimit: ");
+    char error[512], text[256];
+    char limits_path[128], prices_path[128];
+    snprintf (
+        limits_path, sizeof (limits_path), "/tmp/aigw-rl-limits-%d.json", getpid ());
+    snprintf (
+        prices_path, sizeof (prices_path), "/tmp/aigw-rl-prices-%d.json", getpid ());
+
+    //  Estimates and prices.
+    gw_limiter_t *limiter = gw_limiter_new (NULL);
+    gw_ratelimit_t *self = gw_ratelimit_new (&limiter);
+    assert (self && !limiter);
+    s_write_file (prices_path,
+        "{\"m\":{\"input\":1,\"output\":\"2.00\",\"cached_input\":0.5,"
+        "\"note\":[\"ignored\"]},\"free\":{},\"mini\":{\"input\":0.15}}");
+    int rc = gw_ratelimit_set_prices_file (self, prices_path, error, sizeof (error));
+    if (rc)
+        printf ("%s\n", error);
+    assert (rc == 0 && zhashx_size (self->prices) == 3);
+    const s_price_t *mini = (const s_price_t *)zhashx_lookup (self->prices, "mini");
+    assert (mini && mini->input == 150000 && mini->cached_input == 150000);
+    const s_price_t *m = (const s_price_t *)zhashx_lookup (self->prices, "m");
+    assert (m && m->output == 2000000 && m->cached_input == 500000);
+    gw_ratelimit_estimate_t estimate;
+    const char *chat = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":"
+                       "\"hello world!\"}],\"max_tokens\":100}";
+    s_estimate (self, "chat", "m", chat, &estimate);
+    assert (estimate.prompt_tokens == 6 && estimate.max_tokens == 100);  //  16 bytes
+    assert (estimate.cost == 309);  //  (6 × 1 + 100 × 2) µ/token × 1.5
+    s_estimate (self, "chat", "m",
+        "{\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"text\",\"text\":"
+        "\"hi\"},"
+        "{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:xxxxxxxxxxxxxxxxxxxxxx\"}}"
+        "]}],"
+        "\"max_completion_tokens\":10,\"max_tokens\":99,\"n\":3}",
+        &estimate);
+    //  "user" "text" "hi" "image_url" (the type's value) = 19 bytes; the
+    //  image itself is not counted; max_completion_tokens wins, times n.
+    assert (estimate.prompt_tokens == 7 && estimate.max_tokens == 30);
+    s_estimate (self, "chat", "free", "{\"messages\":[]}", &estimate);
+    assert (
+        estimate.prompt_tokens == 0 && estimate.max_tokens == 4096 && estimate.cost == 0);
+    s_estimate (self, "embeddings", "m", "{\"input\":[\"abc\",\"def\"]}", &estimate);
+    assert (
+        estimate.prompt_tokens == 2 && estimate.max_tokens == 0 && estimate.cost == 3);
+    s_estimate (self, "chat", "unpriced", chat, &estimate);
+    assert (estimate.cost == 0);
+    assert (gw_ratelimit_estimate (self, "chat", "m", "\x91\x01", 2, &estimate) == -1);
+    assert (gw_ratelimit_estimate (self, "chat", "m", NULL, 0, &estimate) == -1);
+    uint64_t millionths = 0;
+    assert (s_parse_millionths ("1.5", &millionths) == 0 && millionths == 1500000);
+    assert (s_parse_millionths ("2", &millionths) == 0 && millionths == 2000000);
+    assert (s_parse_millionths ("0.0000019", &millionths) == 0 && millionths == 1);
+    assert (s_parse_millionths ("x", &millionths) == -1);
+    assert (s_parse_millionths ("1.5x", &millionths) == -1);
+    s_duration (600, text, sizeof (text));
+    assert (streq (text, "600ms"));
+    s_duration (1500, text, sizeof (text));
+    assert (streq (text, "1.5s"));
+    s_duration (360000, text, sizeof (text));
+    assert (streq (text, "6m0s"));
+    s_duration (3723004, text, sizeof (text));
+    assert (streq (text, "1h2m3.004s"));
+    s_scope_name ("model", "a\nb", text, sizeof (text));
+    assert (strncmp (text, "model:~", 7) == 0 && strlen (text) == 23);
+
+    //  The limits file: kind defaults under entity overrides.
+    gw_limits_t env_key = {0};
+    env_key.rpm = 500;
+    env_key.tpm = 7;
+    gw_ratelimit_set_defaults (self, "key", &env_key);
+    s_write_file (limits_path,
+        "{\"defaults\":{\"key\":{\"rpm\":2,\"burst\":2},\"ip\":{\"rpm\":1000}},"
+        "\"keys\":{\"k-big\":{\"rpm\":1000,\"concurrency\":4}},"
+        "\"users\":{\"poor\":{\"budget\":100},\"q\":{\"requests_per_day\":1,"
+        "\"tokens_per_month\":9,\"cost_per_hour\":3}}}");
+    rc = gw_ratelimit_set_limits_file (self, limits_path, error, sizeof (error));
+    if (rc)
+        printf ("%s\n", error);
+    assert (rc == 0);
+    const gw_limits_t *limits = &self->config->defaults[0];
+    assert (limits->rpm == 2 && limits->burst == 2 && limits->tpm == 7);  //  env kept
+    limits = (const gw_limits_t *)zhashx_lookup (self->config->entries[0], "k-big");
+    assert (
+        limits && limits->rpm == 1000 && limits->burst == 2 && limits->concurrency == 4);
+    limits = (const gw_limits_t *)zhashx_lookup (self->config->entries[1], "q");
+    assert (limits && limits->requests[GW_WINDOW_DAY] == 1);
+    assert (limits->tokens[GW_WINDOW_MONTH] == 9 && limits->cost[GW_WINDOW_HOUR] == 3);
+    assert (self->config->defaults[4].rpm == 1000);
+    //  Bad files name the problem and keep the last good limits.
+    const char *bad[][2] = {
+        {"[]", "must hold a JSON object"},
+        {"{\"key\":{}}", "unknown member \"key\""},
+        {"{\"defaults\":{\"keys\":{}}}", "defaults.keys: unknown kind"},
+        {"{\"users\":{\"a\":{\"rmp\":1}}}", "users.a: unknown field \"rmp\""},
+        {"{\"users\":{\"a\":{\"rpm\":-1}}}", "users.a.rpm: must be a whole number"},
+        {"{\"users\":{\"a\":{\"rpm\":1.5}}}", "users.a.rpm: must be a whole number"},
+        {"{\"users\":{\"a\":7}}", "users.a: must be an object"},
+        {"{\"users\":{\"a\":{},\"a\":{}}}", "users.a: listed twice"},
+        {"{\"users\":", "invalid JSON"},
+    };
+    for (size_t i = 0; i < sizeof (bad) / sizeof (bad[0]); i++) {
+        s_write_file (limits_path, bad[i][0]);
+        rc = gw_ratelimit_set_limits_file (self, limits_path, error, sizeof (error));
+        if (verbose || rc == 0 || !strstr (error, bad[i][1]))
+            printf ("\n    %s -> %s", bad[i][0], rc ? error : "accepted");
+        assert (rc == -1 && strstr (error, bad[i][1]) && strstr (error, limits_path));
+        assert (zhashx_lookup (self->config->entries[1], "poor"));
+    }
+    s_write_file (prices_path, "{\"m\":{\"input\":-1}}");
+    assert (
+        gw_ratelimit_set_prices_file (self, prices_path, error, sizeof (error)) == -1);
+    assert (strstr (error, "m.input"));
+    assert (zhashx_lookup (self->prices, "m"));
+    s_write_file (prices_path, "{\"m\":{\"input\":1,\"output\":2}}");
+    gw_limits_t zero = {0};
+    gw_ratelimit_set_defaults (self, "key", &zero);
+    s_write_file (limits_path,
+        "{\"defaults\":{\"key\":{\"rpm\":2,\"burst\":2}},"
+        "\"users\":{\"poor\":{\"budget\":100}}}");
+    assert (gw_ratelimit_refresh (self, true, 0) == 1);
+    assert (self->config->defaults[0].tpm == 0);
+
+    //  The stage on the bus.
+    zactor_t *broker = zactor_new (gw_broker_actor, NULL);
+    assert (broker);
+    zstr_sendx (broker, "BIND", "tcp://127.0.0.1:*", NULL);
+    char *endpoint = zstr_recv (broker);
+    assert (endpoint && *endpoint);
+    zactor_t *actor = zactor_new (gw_ratelimit_actor, self);
+    assert (actor);
+    if (verbose)
+        zstr_send (actor, "VERBOSE");
+    zstr_sendx (actor, "CONFIGURE", "capacity", "0", NULL);
+    assert (zsock_wait (actor) == 1);
+    zstr_sendx (actor, "CONFIGURE", "capacity", "64", NULL);
+    assert (zsock_wait (actor) == 0);
+    zstr_sendx (actor, "CONNECT", endpoint, NULL);
+    assert (zsock_wait (actor) == 0);
+    zstr_send (actor, "RELOAD");
+    assert (zsock_wait (actor) == 0);
+    s_rig_t rig = {0};
+    rig.next = gw_worker_new (endpoint, "next", 16, GW_READY_IDEMPOTENT);
+    rig.client = gw_client_new (endpoint);
+    assert (rig.next && rig.client);
+
+    //  Admitted: forwarded with ann.rl and the headers.
+    uint8_t first[16], second[16];
+    gw_msg_t *reply = s_send (&rig, "chat", "k1", "alice", chat, first);
+    assert (gw_msg_status (reply) == 200 && rig.forwarded == 1);
+    gw_envelope_t *env = gw_envelope_new ();
+    zframe_t *echo = gw_msg_body (reply);
+    assert (gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+    size_t size = 0;
+    const void *raw = gw_envelope_ann_raw (env, "rl", &size);
+    assert (raw);
+    assert (streq (s_field (raw, size, "hold", NULL, text, sizeof (text)), "309"));
+    assert (streq (s_field (raw, size, "est_tokens", NULL, text, sizeof (text)), "106"));
+    assert (streq (s_field (raw, size, "lease", NULL, text, sizeof (text)), "false"));
+    raw = gw_envelope_ann_raw (env, "headers", &size);
+    assert (raw);
+    assert (
+        streq (s_field (raw, size, "x-ratelimit-limit-requests", NULL, text, 64), "2"));
+    assert (streq (
+        s_field (raw, size, "x-ratelimit-remaining-requests", NULL, text, 64), "1"));
+    assert (
+        streq (s_field (raw, size, "x-ratelimit-reset-requests", NULL, text, 64), "30s"));
+    assert (!*s_field (raw, size, "x-ratelimit-limit-tokens", NULL, text, 64));
+    gw_msg_destroy (&reply);
+    reply = s_send (&rig, "chat", "k1", "alice", chat, second);
+    assert (gw_msg_status (reply) == 200 && rig.forwarded == 2);
+    gw_msg_destroy (&reply);
+
+    //  Over the limit: FINAL 429 with retry_after and the headers.
+    reply = s_send (&rig, "chat", "k1", "alice", chat, NULL);
+    assert (gw_msg_status (reply) == 429 && rig.forwarded == 2);
+    zframe_t *final_env = gw_msg_envelope (reply);
+    assert (final_env &&
+        gw_envelope_decode (env, zframe_data (final_env), zframe_size (final_env)) == 0);
+    assert (gw_envelope_ann_int (env, "retry_after", -1) == 30);
+    raw = gw_envelope_ann_raw (env, "headers", &size);
+    assert (raw);
+    assert (streq (
+        s_field (raw, size, "x-ratelimit-remaining-requests", NULL, text, 64), "0"));
+    zframe_t *body = gw_msg_body (reply);
+    assert (streq (s_field (zframe_data (body), zframe_size (body), "error", "code", text,
+                       sizeof (text)),
+        "rate_limit_exceeded"));
+    assert (streq (s_field (zframe_data (body), zframe_size (body), "error", "type", text,
+                       sizeof (text)),
+        "rate_limit_error"));
+    if (verbose)
+        printf ("\n    %s",
+            s_field (zframe_data (body), zframe_size (body), "error", "message", text,
+                sizeof (text)));
+    gw_msg_destroy (&reply);
+
+    //  Settle and release, each idempotent.
+    s_settle_call (&rig, "settle", first, 50, 100, "true");
+    s_settle_call (&rig, "settle", first, 50, 100, "false");
+    s_settle_call (&rig, "release", second, 0, 0, "true");
+    s_settle_call (&rig, "release", second, 0, 0, "false");
+    reply = s_send (&rig, "settle", NULL, NULL, "{\"rid\":\"nothex\"}", NULL);
+    assert (gw_msg_status (reply) == 400);
+    gw_msg_destroy (&reply);
+
+    //  A budget refusal: insufficient_quota, and no Retry-After.
+    reply = s_send (&rig, "chat", "k2", "poor", chat, NULL);
+    assert (gw_msg_status (reply) == 429);
+    final_env = gw_msg_envelope (reply);
+    assert (final_env &&
+        gw_envelope_decode (env, zframe_data (final_env), zframe_size (final_env)) == 0);
+    assert (gw_envelope_ann_int (env, "retry_after", -1) == -1);
+    body = gw_msg_body (reply);
+    assert (streq (s_field (zframe_data (body), zframe_size (body), "error", "code", text,
+                       sizeof (text)),
+        "insufficient_quota"));
+    if (verbose)
+        printf ("\n    %s",
+            s_field (zframe_data (body), zframe_size (body), "error", "message", text,
+                sizeof (text)));
+    gw_msg_destroy (&reply);
+
+    //  Metadata operations pass without limits.
+    reply = s_send (&rig, "models", "k1", "alice", "{}", NULL);
+    assert (gw_msg_status (reply) == 200 && rig.forwarded == 3);
+    gw_msg_destroy (&reply);
+    //  A body that is not a map is a 400, not a crash.
+    reply = s_send (&rig, "chat", "k3", "alice", "[1]", NULL);
+    assert (gw_msg_status (reply) == 400);
+    gw_msg_destroy (&reply);
+
+    gw_envelope_destroy (&env);
+    gw_client_destroy (&rig.client);
+    gw_worker_destroy (&rig.next);
+    zactor_destroy (&actor);
+    zactor_destroy (&broker);
+    zstr_free (&endpoint);
+    unlink (limits_path);
+    unlink (prices_path);
+    printf ("OK\n");
+}
