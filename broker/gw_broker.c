@@ -237,14 +237,6 @@ s_body_size (gw_msg_t *msg)
     return body ? zframe_size (body) : 0;
 }
 
-static void
-s_pack_str (msgpack_packer *pk, const char *text)
-{
-    size_t size = strlen (text);
-    msgpack_pack_str (pk, size);
-    msgpack_pack_str_body (pk, text, size);
-}
-
 //  Send a broker FINAL with body in self->sbuf to client; tap it as
 //  service.FINAL.
 static void
@@ -287,17 +279,7 @@ s_send_error (broker_t *self, peer_t *client, const uint8_t rid[16], uint16_t st
     msgpack_sbuffer_clear (&self->sbuf);
     msgpack_packer pk;
     msgpack_packer_init (&pk, &self->sbuf, msgpack_sbuffer_write);
-    msgpack_pack_map (&pk, 1);
-    s_pack_str (&pk, "error");
-    msgpack_pack_map (&pk, 4);
-    s_pack_str (&pk, "message");
-    s_pack_str (&pk, message);
-    s_pack_str (&pk, "type");
-    s_pack_str (&pk, "gateway_error");
-    s_pack_str (&pk, "param");
-    msgpack_pack_nil (&pk);
-    s_pack_str (&pk, "code");
-    s_pack_str (&pk, code);
+    gw_msg_error_pack (&pk, "gateway_error", code, message);
     s_send_final (self, client, rid, status, service);
 }
 
@@ -314,11 +296,11 @@ s_answer_service (
     msgpack_packer pk;
     msgpack_packer_init (&pk, &self->sbuf, msgpack_sbuffer_write);
     msgpack_pack_map (&pk, 3);
-    s_pack_str (&pk, "broker");
-    s_pack_str (&pk, self->name);
-    s_pack_str (&pk, "uptime_ms");
+    gw_mpack_str (&pk, "broker");
+    gw_mpack_str (&pk, self->name);
+    gw_mpack_str (&pk, "uptime_ms");
     msgpack_pack_uint64 (&pk, (uint64_t)(gw_mono_ms () - self->started));
-    s_pack_str (&pk, "services");
+    gw_mpack_str (&pk, "services");
     gw_dispatch_describe (self->dispatch, &pk);
     s_send_final (self, client, rid, 200, service);
 }

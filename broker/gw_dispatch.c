@@ -98,25 +98,7 @@ struct _gw_dispatch_t {
 };
 
 //  --------------------------------------------------------------------------
-//  Hash helpers: rid keys (16 bytes) and handle keys (pointer values).
-
-static size_t
-s_rid_hash (const void *key)
-{
-    //  rids are random, but a careless client could pick structured ones:
-    //  mix all 16 bytes.
-    uint64_t a, b;
-    memcpy (&a, key, 8);
-    memcpy (&b, (const byte *)key + 8, 8);
-    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
-    return (size_t)(h ^ (h >> 31));
-}
-
-static int
-s_rid_compare (const void *item1, const void *item2)
-{
-    return memcmp (item1, item2, 16);
-}
+//  Hash helpers for handle keys (pointer values); rid keys use gw_rid_hash.
 
 static size_t
 s_handle_hash (const void *key)
@@ -138,16 +120,12 @@ gw_dispatch_new (void)
     assert (self);
     self->services = zhashx_new ();
     self->workers = zhashx_new ();
-    self->entries = zhashx_new ();
-    assert (self->services && self->workers && self->entries);
+    self->entries = gw_rid_map_new (NULL);
+    assert (self->services && self->workers);
     zhashx_set_key_duplicator (self->workers, NULL);
     zhashx_set_key_destructor (self->workers, NULL);
     zhashx_set_key_hasher (self->workers, s_handle_hash);
     zhashx_set_key_comparator (self->workers, s_handle_compare);
-    zhashx_set_key_duplicator (self->entries, NULL);
-    zhashx_set_key_destructor (self->entries, NULL);
-    zhashx_set_key_hasher (self->entries, s_rid_hash);
-    zhashx_set_key_comparator (self->entries, s_rid_compare);
     self->queue_max = GW_DISPATCH_QUEUE_MAX;
     self->grace = GW_DISPATCH_GRACE;
     self->action_limit = 16;
@@ -827,14 +805,6 @@ gw_dispatch_in_flight (gw_dispatch_t *self, void *handle)
     return worker ? (int)worker->in_flight : -1;
 }
 
-static void
-s_pack_str (msgpack_packer *pk, const char *text)
-{
-    size_t size = strlen (text);
-    msgpack_pack_str (pk, size);
-    msgpack_pack_str_body (pk, text, size);
-}
-
 void
 gw_dispatch_describe (gw_dispatch_t *self, msgpack_packer *pk)
 {
@@ -851,25 +821,25 @@ gw_dispatch_describe (gw_dispatch_t *self, msgpack_packer *pk)
             idempotent = idempotent && worker->idempotent;
         }
         msgpack_pack_map (pk, 7);
-        s_pack_str (pk, "name");
-        s_pack_str (pk, service->name);
-        s_pack_str (pk, "workers");
+        gw_mpack_str (pk, "name");
+        gw_mpack_str (pk, service->name);
+        gw_mpack_str (pk, "workers");
         msgpack_pack_uint64 (pk, service->worker_count);
-        s_pack_str (pk, "capacity");
+        gw_mpack_str (pk, "capacity");
         msgpack_pack_uint64 (pk, capacity);
-        s_pack_str (pk, "in_flight");
+        gw_mpack_str (pk, "in_flight");
         msgpack_pack_uint64 (pk, in_flight);
-        s_pack_str (pk, "queued");
+        gw_mpack_str (pk, "queued");
         msgpack_pack_uint64 (pk, service->queued);
-        s_pack_str (pk, "idempotent");
+        gw_mpack_str (pk, "idempotent");
         if (idempotent)
             msgpack_pack_true (pk);
         else
             msgpack_pack_false (pk);
-        s_pack_str (pk, "labels");
+        gw_mpack_str (pk, "labels");
         msgpack_pack_array (pk, service->worker_count);
         for (worker_t *worker = service->workers; worker; worker = worker->next)
-            s_pack_str (pk, worker->label);
+            gw_mpack_str (pk, worker->label);
         service = (service_t *)zhashx_next (self->services);
     }
 }

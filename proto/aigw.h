@@ -27,6 +27,7 @@
 #include "gw_json.h"
 #include "gw_msg.h"
 #include "gw_envelope.h"
+#include "gw_link.h"
 #include "gw_worker.h"
 #include "gw_client.h"
 

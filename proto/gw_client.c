@@ -13,9 +13,10 @@
 //  2. Each request (s_rtable): pending -> streaming on PARTIAL; FINAL,
 //     caller cancel, deadline and broker loss end it.
 //
-//  Sockets use ZMQ_IMMEDIATE=1 with send/receive timeouts of 0: libzmq
-//  never queues a frame set for a connection that is not up, nor replays one
-//  to a restarted broker, and a send never blocks the I/O actor. Because a
+//  The socket and its monitor are a gw_link (ZMQ_IMMEDIATE=1, send/receive
+//  timeouts of 0): libzmq never queues a frame set for a connection that is
+//  not up, nor replays one to a restarted broker, and a send never blocks
+//  the I/O actor. Because a
 //  freshly connected socket refuses sends until the ZMTP handshake is done,
 //  the session itself holds REQUESTs sent while `connecting` (bounded,
 //  PENDING_MAX, in order, tracked as in flight so deadline and loss still
@@ -172,15 +173,11 @@ struct _gw_client_t {
     size_t body_max;  //  largest body accepted, bytes
 
     s_state_t state;  //  connection state
-    zsock_t *sock;  //  DEALER to the broker; never NULL
-    zsock_t *monitor;  //  PAIR reading the DEALER's monitor, or NULL
-    char monitor_ep[64];  //  inproc endpoint of the monitor
-    bool link_up;  //  monitor saw CONNECTED since connect
+    gw_link_t *link;  //  DEALER to the broker + its monitor; never NULL
     bool connected;  //  broker answered since the last connect
     int64_t reconnect_at;  //  mono ms, waiting: when to connect
     int64_t greet_at;  //  mono ms, connecting: next PING attempt
-    int64_t last_recv;  //  mono ms, last input
-    int64_t last_send;  //  mono ms, last frame set sent
+    int64_t last_recv;  //  mono ms, last input (last send: gw_link)
     int64_t last_ping;  //  mono ms, last PING sent
 
     zhashx_t *requests;  //  rid -> s_request_t
@@ -197,23 +194,7 @@ struct _gw_client_t {
 };
 
 //  --------------------------------------------------------------------------
-//  Request map: 16-byte binary keys
-
-static size_t
-s_rid_hash (const void *key)
-{
-    uint64_t a, b;
-    memcpy (&a, key, 8);
-    memcpy (&b, (const uint8_t *)key + 8, 8);
-    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
-    return (size_t)(h ^ (h >> 31));
-}
-
-static int
-s_rid_compare (const void *a, const void *b)
-{
-    return memcmp (a, b, 16);
-}
+//  Request map (gw_rid_map_new)
 
 static void
 s_request_free (void **item_p)
@@ -296,38 +277,7 @@ s_heap_remove (gw_client_t *self, s_request_t *req)
 }
 
 //  --------------------------------------------------------------------------
-//  Error object body: {"error":{"message","type","param":nil,"code"}}
-
-static void
-s_pack_str (msgpack_packer *pk, const char *text)
-{
-    size_t size = strlen (text);
-    msgpack_pack_str (pk, size);
-    msgpack_pack_str_body (pk, text, size);
-}
-
-static zframe_t *
-s_error_body (const char *type, const char *code, const char *message)
-{
-    msgpack_sbuffer sbuf;
-    msgpack_sbuffer_init (&sbuf);
-    msgpack_packer pk;
-    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
-    msgpack_pack_map (&pk, 1);
-    s_pack_str (&pk, "error");
-    msgpack_pack_map (&pk, 4);
-    s_pack_str (&pk, "message");
-    s_pack_str (&pk, message);
-    s_pack_str (&pk, "type");
-    s_pack_str (&pk, type);
-    s_pack_str (&pk, "param");
-    msgpack_pack_nil (&pk);
-    s_pack_str (&pk, "code");
-    s_pack_str (&pk, code);
-    zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
-    msgpack_sbuffer_destroy (&sbuf);
-    return frame;
-}
+//  Local FINALs
 
 //  Queue a local FINAL for rid.
 static void
@@ -336,127 +286,38 @@ s_local_final (gw_client_t *self, const uint8_t rid[16], uint16_t status)
     gw_msg_t *msg = gw_msg_new (GW_MSG_FINAL);
     gw_msg_set_rid (msg, rid);
     gw_msg_set_status (msg, status);
-    zframe_t *body = status == 504
-        ? s_error_body ("gateway_error", "deadline_exceeded", "request deadline exceeded")
-        : s_error_body (
-              "gateway_error", "broker_lost", "connection to the broker was lost");
+    bool late = status == 504;
+    zframe_t *body =
+        gw_msg_error_body ("gateway_error", late ? "deadline_exceeded" : "broker_lost",
+            late ? "request deadline exceeded" : "connection to the broker was lost");
     gw_msg_set_body (msg, &body);
     zlist_append (self->local, msg);
 }
 
 //  --------------------------------------------------------------------------
-//  Sockets
+//  Link
 
-static zsock_t *
-s_socket_new (gw_client_t *self)
-{
-    zsock_t *sock = zsock_new (ZMQ_DEALER);
-    assert (sock);
-    zsock_set_sndhwm (sock, 100000);
-    zsock_set_rcvhwm (sock, 100000);
-    zsock_set_linger (sock, 0);
-    zsock_set_immediate (sock, 1);
-    zsock_set_sndtimeo (sock, 0);
-    zsock_set_rcvtimeo (sock, 0);
-    zsock_set_heartbeat_ivl (sock, self->heartbeat);
-    zsock_set_heartbeat_timeout (sock, self->expiry);
-    zsock_set_heartbeat_ttl (sock, self->expiry);
-    return sock;
-}
-
-static void
-s_monitor_stop (gw_client_t *self)
-{
-    if (self->monitor) {
-        zmq_socket_monitor (zsock_resolve (self->sock), NULL, 0);
-        zsock_destroy (&self->monitor);
-    }
-}
-
-static void
-s_monitor_start (gw_client_t *self)
-{
-    static uint32_t s_serial;
-    uint32_t serial = __atomic_fetch_add (&s_serial, 1, __ATOMIC_RELAXED);
-    snprintf (self->monitor_ep, sizeof (self->monitor_ep), "inproc://gw-client-mon-%d-%u",
-        (int)getpid (), serial);
-    int rc = zmq_socket_monitor (zsock_resolve (self->sock), self->monitor_ep,
-        ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED);
-    if (rc == 0) {
-        self->monitor = zsock_new (ZMQ_PAIR);
-        assert (self->monitor);
-        if (zsock_connect (self->monitor, "%s", self->monitor_ep)) {
-            zmq_socket_monitor (zsock_resolve (self->sock), NULL, 0);
-            zsock_destroy (&self->monitor);
-        }
-    }
-    if (!self->monitor)
-        gw_warn ("client: socket monitor unavailable: %s", zmq_strerror (zmq_errno ()));
-}
-
-//  Read every pending monitor event. Returns true if the connection dropped
-//  after it was up; stops reading then.
+//  Read the link's monitor events: a connection that came up makes the
+//  first PING due at once. Returns true if the connection dropped after it
+//  was up.
 static bool
-s_monitor_read (gw_client_t *self, int64_t now)
+s_link_lost (gw_client_t *self, int64_t now)
 {
-    if (!self->monitor)
-        return false;
-    void *handle = zsock_resolve (self->monitor);
-    while (true) {
-        zmq_msg_t part;
-        zmq_msg_init (&part);
-        if (zmq_msg_recv (&part, handle, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close (&part);
-            return false;
-        }
-        uint16_t event = 0;
-        if (zmq_msg_size (&part) >= 6)
-            memcpy (&event, zmq_msg_data (&part), 2);
-        bool more = zmq_msg_more (&part);
-        zmq_msg_close (&part);
-        while (more) {  //  the address frame
-            zmq_msg_init (&part);
-            if (zmq_msg_recv (&part, handle, ZMQ_DONTWAIT) < 0)
-                more = false;
-            else
-                more = zmq_msg_more (&part);
-            zmq_msg_close (&part);
-        }
-        if (event == ZMQ_EVENT_CONNECTED || event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
-            self->link_up = true;
-            self->greet_at = now;
-        }
-        else if (event == ZMQ_EVENT_DISCONNECTED && self->link_up) {
-            self->link_up = false;
-            return true;
-        }
-    }
-}
-
-static bool
-s_input_pending (gw_client_t *self)
-{
-    return (zsock_events (self->sock) & ZMQ_POLLIN) != 0;
+    int events = gw_link_events (self->link);
+    if (events & GW_LINK_UP)
+        self->greet_at = now;
+    return (events & GW_LINK_LOST) != 0;
 }
 
 //  --------------------------------------------------------------------------
 //  Sending
 
 static int
-s_send (gw_client_t *self, gw_msg_t *msg)
-{
-    if (gw_msg_send (msg, self->sock))
-        return -1;
-    self->last_send = gw_mono_ms ();
-    return 0;
-}
-
-static int
 s_send_simple (gw_client_t *self, int id)
 {
     gw_msg_set_id (self->out, id);
     gw_msg_set_role (self->out, id == GW_MSG_PING ? 'C' : 0);
-    return s_send (self, self->out);
+    return gw_link_send (self->link, self->out);
 }
 
 static int
@@ -465,7 +326,7 @@ s_send_cancel (gw_client_t *self, const uint8_t rid[16], uint16_t reason)
     gw_msg_set_id (self->out, GW_MSG_CANCEL);
     gw_msg_set_rid (self->out, rid);
     gw_msg_set_status (self->out, reason);
-    return s_send (self, self->out);
+    return gw_link_send (self->link, self->out);
 }
 
 //  --------------------------------------------------------------------------
@@ -499,7 +360,7 @@ s_pending_flush (gw_client_t *self)
 {
     gw_msg_t *msg;
     while ((msg = (gw_msg_t *)zlist_first (self->pending))) {
-        if (s_send (self, msg))
+        if (gw_link_send (self->link, msg))
             return false;
         zlist_pop (self->pending);
         gw_msg_destroy (&msg);
@@ -547,17 +408,13 @@ s_action (gw_client_t *self, unsigned action, int64_t now)
 {
     switch (action) {
         case A_CONNECT:
-            s_monitor_start (self);
-            if (zsock_connect (self->sock, "%s", self->endpoint)) {
+            if (gw_link_connect (self->link, self->endpoint)) {
                 gw_error ("client: cannot connect to %s", self->endpoint);
-                s_monitor_stop (self);
                 self->reconnect_at = now + self->backoff;
                 return -1;
             }
-            self->link_up = false;
             self->connected = false;
             self->last_recv = now;
-            self->last_send = now;
             self->last_ping = now;
             self->greet_at = now;
             return 0;
@@ -597,10 +454,8 @@ s_action (gw_client_t *self, unsigned action, int64_t now)
             return 0;
         }
         case A_RESET:
-            s_monitor_stop (self);
-            zsock_destroy (&self->sock);
-            self->sock = s_socket_new (self);
-            self->link_up = false;
+            gw_link_destroy (&self->link);
+            self->link = gw_link_new ("client", self->heartbeat, self->expiry);
             self->connected = false;
             self->reconnect_at = now + self->backoff;
             gw_info (
@@ -648,19 +503,13 @@ gw_client_new (const char *endpoint)
     self->reconnect_max = 32000;
     self->backoff = self->reconnect_min;
     self->body_max = GW_BODY_MAX_DEFAULT;
-    self->requests = zhashx_new ();
-    assert (self->requests);
-    zhashx_set_key_hasher (self->requests, s_rid_hash);
-    zhashx_set_key_comparator (self->requests, s_rid_compare);
-    zhashx_set_key_duplicator (self->requests, NULL);
-    zhashx_set_key_destructor (self->requests, NULL);
-    zhashx_set_destructor (self->requests, s_request_free);
+    self->requests = gw_rid_map_new (s_request_free);
     self->local = zlist_new ();
     self->pending = zlist_new ();
     assert (self->pending);
     assert (self->local);
     self->out = gw_msg_new (GW_MSG_PING);
-    self->sock = s_socket_new (self);
+    self->link = gw_link_new ("client", self->heartbeat, self->expiry);
     self->state = S_WAITING;
     if (s_execute (self, E_BACKOFF)) {
         gw_client_destroy (&self);
@@ -682,10 +531,9 @@ gw_client_destroy (gw_client_t **self_p)
                 sent |= s_send_cancel (self, req->rid, 499) == 0;
             sent |= s_send_simple (self, GW_MSG_DISCONNECT) == 0;
             if (sent)
-                zsock_set_linger (self->sock, 100);  //  let them leave
+                gw_link_set_linger (self->link, 100);  //  let them leave
         }
-        s_monitor_stop (self);
-        zsock_destroy (&self->sock);
+        gw_link_destroy (&self->link);
         zhashx_destroy (&self->requests);
         free (self->heap);
         while (zlist_size (self->local)) {
@@ -714,9 +562,7 @@ gw_client_set_heartbeat (gw_client_t *self, int heartbeat_ms, int expiry_ms)
     self->heartbeat = heartbeat_ms;
     self->expiry = expiry_ms;
     //  ZMTP heartbeats apply from the socket's next connection.
-    zsock_set_heartbeat_ivl (self->sock, heartbeat_ms);
-    zsock_set_heartbeat_timeout (self->sock, expiry_ms);
-    zsock_set_heartbeat_ttl (self->sock, expiry_ms);
+    gw_link_set_heartbeat (self->link, heartbeat_ms, expiry_ms);
 }
 
 void
@@ -743,7 +589,7 @@ zsock_t *
 gw_client_socket (gw_client_t *self)
 {
     assert (self);
-    return self->sock;
+    return gw_link_socket (self->link);
 }
 
 int
@@ -769,7 +615,7 @@ gw_client_send (gw_client_t *self, gw_msg_t **request_p)
         rc = 0;
         goto done;
     }
-    if (zlist_size (self->pending) == 0 && s_send (self, request) == 0) {
+    if (zlist_size (self->pending) == 0 && gw_link_send (self->link, request) == 0) {
         if (self->state == S_CONNECTING)
             s_execute (self, E_SENT);
     }
@@ -819,7 +665,7 @@ gw_client_credit (gw_client_t *self, const uint8_t rid[16], uint32_t credit)
     gw_msg_set_id (self->out, GW_MSG_CREDIT);
     gw_msg_set_rid (self->out, rid);
     gw_msg_set_credit (self->out, credit);
-    return s_send (self, self->out);
+    return gw_link_send (self->link, self->out);
 }
 
 //  Mono ms at which a PING is due: nothing sent for heartbeat, or nothing
@@ -827,7 +673,7 @@ gw_client_credit (gw_client_t *self, const uint8_t rid[16], uint32_t credit)
 static int64_t
 s_ping_due (gw_client_t *self)
 {
-    int64_t ping = self->last_send + self->heartbeat;
+    int64_t ping = gw_link_last_send (self->link) + self->heartbeat;
     int64_t quiet =
         (self->last_recv > self->last_ping ? self->last_recv : self->last_ping) +
         self->heartbeat;
@@ -875,7 +721,7 @@ gw_client_recv (gw_client_t *self)
             self->in = gw_msg_new (0);
             gw_msg_set_body_max (self->in, self->body_max);
         }
-        int rc = gw_msg_recv (self->in, self->sock);
+        int rc = gw_msg_recv (self->in, gw_link_socket (self->link));
         if (rc == GW_MSG_NONE)
             break;
         if (rc == GW_MSG_MALFORMED) {
@@ -918,7 +764,7 @@ gw_client_recv (gw_client_t *self)
             return msg;
         }
     }
-    if (s_monitor_read (self, gw_mono_ms ()))
+    if (s_link_lost (self, gw_mono_ms ()))
         s_execute (self, E_LINK_LOST);
     if (zlist_size (self->local))
         return (gw_msg_t *)zlist_pop (self->local);
@@ -942,8 +788,8 @@ gw_client_tick (gw_client_t *self)
     //  Input waiting to be read is a sign of life the caller has not
     //  collected yet: let recv see it (and data before the monitor) before
     //  judging the link.
-    if (!(s_input_pending (self))) {
-        if (s_monitor_read (self, now) && s_execute (self, E_LINK_LOST) == 0)
+    if (!gw_link_input (self->link)) {
+        if (s_link_lost (self, now) && s_execute (self, E_LINK_LOST) == 0)
             return;
         if (now >= self->last_recv + self->expiry) {
             gw_warn ("client: broker %s silent for %d ms", self->endpoint, self->expiry);
@@ -997,7 +843,8 @@ gw_client_wait (gw_client_t *self, int timeout_ms)
         int64_t wait = gw_client_timeout (self);
         if (end - now < wait)
             wait = end - now;
-        zmq_pollitem_t item = {zsock_resolve (self->sock), 0, ZMQ_POLLIN, 0};
+        zmq_pollitem_t item = {
+            zsock_resolve (gw_link_socket (self->link)), 0, ZMQ_POLLIN, 0};
         if (zmq_poll (&item, 1, (long)wait) < 0 && zmq_errno () == EINTR)
             break;
     }

@@ -777,6 +777,52 @@ s_build (int count, ...)
     return msg;
 }
 
+int
+gw_msg_error_pack (
+    msgpack_packer *pk, const char *type, const char *code, const char *message)
+{
+    int rc = msgpack_pack_map (pk, 1);
+    rc |= gw_mpack_str (pk, "error");
+    rc |= msgpack_pack_map (pk, 4);
+    rc |= gw_mpack_str (pk, "message");
+    rc |= gw_mpack_str (pk, message ? message : "");
+    rc |= gw_mpack_str (pk, "type");
+    rc |= gw_mpack_str (pk, type ? type : "server_error");
+    rc |= gw_mpack_str (pk, "param");
+    rc |= msgpack_pack_nil (pk);
+    rc |= gw_mpack_str (pk, "code");
+    rc |= code ? gw_mpack_str (pk, code) : msgpack_pack_nil (pk);
+    return rc ? -1 : 0;
+}
+
+zframe_t *
+gw_msg_error_body (const char *type, const char *code, const char *message)
+{
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+    gw_msg_error_pack (&pk, type, code, message);
+    zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
+    assert (frame);
+    msgpack_sbuffer_destroy (&sbuf);
+    return frame;
+}
+
+//  True if the error body holds key with the string value text, or nil if
+//  text is NULL.
+static bool
+s_test_error_field (zframe_t *body, const char *key, const char *text)
+{
+    gw_mreader_t reader;
+    gw_mvalue_t value;
+    gw_mreader_init (&reader, zframe_data (body), zframe_size (body));
+    if (gw_mreader_find (&reader, "error") || gw_mreader_find (&reader, key) ||
+        gw_mreader_next (&reader, &value))
+        return false;
+    return text ? gw_mvalue_streq (&value, text) : value.type == GW_MP_NIL;
+}
+
 void
 gw_msg_test (bool verbose)
 {
@@ -950,6 +996,21 @@ gw_msg_test (bool verbose)
 
     assert (streq (gw_msg_command (GW_MSG_FINAL), "FINAL"));
     assert (streq (gw_msg_command (99), "UNKNOWN"));
+
+    //  Error bodies: the OpenAI error object, one map of four keys.
+    zframe_t *error = gw_msg_error_body ("gateway_error", "no_worker", "none");
+    assert (gw_mpack_check (zframe_data (error), zframe_size (error), 4, 16) == 0);
+    assert (s_test_error_field (error, "message", "none"));
+    assert (s_test_error_field (error, "type", "gateway_error"));
+    assert (s_test_error_field (error, "param", NULL));
+    assert (s_test_error_field (error, "code", "no_worker"));
+    zframe_destroy (&error);
+    error = gw_msg_error_body (NULL, NULL, NULL);
+    assert (s_test_error_field (error, "message", ""));
+    assert (s_test_error_field (error, "type", "server_error"));
+    assert (s_test_error_field (error, "code", NULL));
+    assert (!s_test_error_field (error, "param", "x"));
+    zframe_destroy (&error);
 
     gw_msg_destroy (&ready);
     gw_msg_destroy (&in);

@@ -14,6 +14,7 @@
 #define GW_MSG_H_INCLUDED
 
 #include <czmq.h>
+#include <msgpack.h>
 #include <stdint.h>
 #include <stdbool.h>
 
@@ -134,6 +135,18 @@ zframe_t *gw_msg_take_envelope (gw_msg_t *self);
 
 //  True if text is a valid service name (PROTOCOL.md §2, READY).
 bool gw_msg_service_valid (const char *text, size_t size);
+
+//  Pack the OpenAI error object of PROTOCOL.md §6, the body of every FINAL
+//  with status >= 400: {"error": {"message": message, "type": type,
+//  "param": nil, "code": code}}. A NULL message packs "", a NULL type
+//  "server_error", a NULL code nil. Returns 0, or -1 if the packer's write
+//  failed.
+int gw_msg_error_pack (
+    msgpack_packer *pk, const char *type, const char *code, const char *message);
+
+//  The same error object as a new frame (caller owns it) for
+//  gw_msg_set_body. Never returns NULL.
+zframe_t *gw_msg_error_body (const char *type, const char *code, const char *message);
 
 //  Self test of this class.
 void gw_msg_test (bool verbose);

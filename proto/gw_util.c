@@ -1,5 +1,6 @@
 //  --------------------------------------------------------------------------
-//  gw_util — clocks, request ids, environment lookups.
+//  gw_util — clocks, request ids and rid-keyed maps, error texts,
+//  environment lookups.
 //
 //  Request ids come from getrandom(2) through a small per-thread pool so the
 //  hot path makes one syscall per 256 ids, not per id.
@@ -105,6 +106,73 @@ gw_rid_parse (const char *text, uint8_t rid[16])
     return nibbles == 32 ? 0 : -1;
 }
 
+size_t
+gw_rid_hash (const void *rid)
+{
+    uint64_t a, b;
+    memcpy (&a, rid, 8);
+    memcpy (&b, (const uint8_t *)rid + 8, 8);
+    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
+    return (size_t)(h ^ (h >> 31));
+}
+
+int
+gw_rid_compare (const void *a, const void *b)
+{
+    return memcmp (a, b, 16);
+}
+
+zhashx_t *
+gw_rid_map_new (zhashx_destructor_fn destructor)
+{
+    zhashx_t *map = zhashx_new ();
+    assert (map);
+    zhashx_set_key_hasher (map, gw_rid_hash);
+    zhashx_set_key_comparator (map, gw_rid_compare);
+    zhashx_set_key_duplicator (map, NULL);
+    zhashx_set_key_destructor (map, NULL);
+    zhashx_set_destructor (map, destructor);
+    return map;
+}
+
+int
+gw_fail (char *error, size_t error_size, const char *format, ...)
+{
+    if (error && error_size) {
+        va_list args;
+        va_start (args, format);
+        vsnprintf (error, error_size, format, args);
+        va_end (args);
+    }
+    return -1;
+}
+
+const char *
+gw_clip (const char *text, char *out, size_t out_size)
+{
+    size_t size = strlen (text);
+    if (size >= out_size) {
+        size = out_size - 4;
+        while (size > 0 && ((unsigned char)text[size] & 0xC0) == 0x80)
+            size--;
+        memcpy (out, text, size);
+        strcpy (out + size, "...");
+    }
+    else
+        memcpy (out, text, size + 1);
+    return out;
+}
+
+char *
+gw_strndup (const char *data, size_t size)
+{
+    char *copy = (char *)malloc (size + 1);
+    assert (copy);
+    memcpy (copy, data, size);
+    copy[size] = 0;
+    return copy;
+}
+
 const char *
 gw_env (const char *name, const char *fallback)
 {
@@ -133,6 +201,13 @@ gw_testdata_path (const char *relative)
     return zsys_sprintf ("%s/%s", base, relative);
 }
 
+static void
+s_test_free (void **item_p)
+{
+    free (*item_p);
+    *item_p = NULL;
+}
+
 void
 gw_util_test (bool verbose)
 {
@@ -152,6 +227,38 @@ gw_util_test (bool verbose)
     assert (gw_rid_parse ("zz3e4567e89b12d3a456426614174000", c) == -1);
     assert (gw_rid_parse ("", c) == -1);
     assert (gw_rid_parse (NULL, c) == -1);
+    //  rid maps: keys point into items, which the destructor frees
+    zhashx_t *map = gw_rid_map_new (NULL);
+    assert (gw_rid_compare (a, b) != 0 && gw_rid_compare (a, a) == 0);
+    memcpy (c, a, 16);
+    assert (gw_rid_hash (a) == gw_rid_hash (c));
+    assert (zhashx_insert (map, a, a) == 0);
+    assert (zhashx_insert (map, c, c) == -1);  //  same rid, other buffer
+    assert (zhashx_lookup (map, c) == a);
+    assert (zhashx_lookup (map, b) == NULL);
+    zhashx_destroy (&map);
+    uint8_t *item = (uint8_t *)malloc (16);
+    assert (item);
+    memcpy (item, b, 16);
+    map = gw_rid_map_new (s_test_free);
+    zhashx_insert (map, item, item);
+    assert (zhashx_size (map) == 1);
+    zhashx_destroy (&map);  //  frees item (ASan checks)
+    //  gw_fail, gw_clip
+    char error[8];
+    assert (gw_fail (error, sizeof (error), "bad %d", 12345678) == -1);
+    assert (streq (error, "bad 123"));
+    assert (gw_fail (NULL, 0, "x") == -1);
+    char clip[8];
+    assert (streq (gw_clip ("short", clip, sizeof (clip)), "short"));
+    assert (streq (gw_clip ("12345678", clip, sizeof (clip)), "1234..."));
+    assert (streq (gw_clip ("123\xc3\xa9"
+                            "567",
+                       clip, sizeof (clip)),
+        "123..."));
+    char *copy = gw_strndup ("ab\0cd", 4);
+    assert (copy[0] == 'a' && copy[2] == 0 && copy[3] == 'c' && copy[4] == 0);
+    free (copy);
     int64_t t0 = gw_time_ms ();
     assert (t0 > 1600000000000LL);
     assert (gw_time_us () / 1000 >= t0);

@@ -1,10 +1,12 @@
 //  --------------------------------------------------------------------------
-//  gw_util — small helpers shared by every process: clocks, request ids,
-//  environment lookups and the selftest data path.
+//  gw_util — small helpers shared by every process: clocks, request ids and
+//  rid-keyed maps, error texts, environment lookups and the selftest data
+//  path.
 
 #ifndef GW_UTIL_H_INCLUDED
 #define GW_UTIL_H_INCLUDED
 
+#include <czmq.h>
 #include <stdint.h>
 #include <stddef.h>
 #include <stdbool.h>
@@ -26,6 +28,34 @@ void gw_rid_hex (const uint8_t rid[16], char out[33]);
 //  Parse 32 hex digits (dashes allowed in UUID positions) into rid.
 //  Returns 0 on success, -1 if text is not a well-formed id.
 int gw_rid_parse (const char *text, uint8_t rid[16]);
+
+//  Hash of a 16-byte request id (all 16 bytes are mixed: rids are random,
+//  but a careless peer could pick structured ones). A zhashx key hasher.
+size_t gw_rid_hash (const void *rid);
+
+//  Compare two 16-byte request ids like memcmp. A zhashx key comparator.
+int gw_rid_compare (const void *a, const void *b);
+
+//  A new zhashx keyed by 16-byte request ids. Keys are neither copied nor
+//  freed: each key must point into its item (and so live as long as the
+//  item). destructor frees items on delete, purge and destroy; NULL leaves
+//  them to the caller. Aborts on out-of-memory; never returns NULL.
+zhashx_t *gw_rid_map_new (zhashx_destructor_fn destructor);
+
+//  Write a printf-formatted message into error (error_size bytes, NUL
+//  terminated, truncated to fit); error may be NULL. Returns -1, so a
+//  failing parser can `return gw_fail (error, size, "...")`.
+int gw_fail (char *error, size_t error_size, const char *format, ...)
+    __attribute__ ((format (printf, 3, 4)));
+
+//  Copy text into out (out_size >= 4 bytes) for a message: whole if it
+//  fits, else cut at a UTF-8 character boundary and ended with "...".
+//  Returns out.
+const char *gw_clip (const char *text, char *out, size_t out_size);
+
+//  A NUL-terminated copy of exactly size bytes at data (which may hold NUL
+//  bytes, unlike strndup's input). Caller frees; aborts on out-of-memory.
+char *gw_strndup (const char *data, size_t size);
 
 //  Environment variable as string, or fallback when unset or empty.
 const char *gw_env (const char *name, const char *fallback);

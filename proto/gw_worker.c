@@ -8,11 +8,12 @@
 //    connecting  connected; READY is offered to the socket until it takes it
 //    active      READY sent; requests flow; PING/PONG keep the link alive
 //
-//  Sockets use ZMQ_IMMEDIATE=1 with send and receive timeouts of 0, so the
-//  session never blocks: a frame set is either handed to a live connection
-//  or refused at once (EAGAIN), and nothing is ever queued for a connection
-//  that does not exist yet or replayed to a restarted broker. The price is
-//  that READY cannot be sent until the ZMTP handshake completes, so
+//  The socket and its monitor are a gw_link (ZMQ_IMMEDIATE=1, send and
+//  receive timeouts of 0), so the session never blocks: a frame set is
+//  either handed to a live connection or refused at once (EAGAIN), and
+//  nothing is ever queued for a connection that does not exist yet or
+//  replayed to a restarted broker. The price is that READY cannot be sent
+//  until the ZMTP handshake completes, so
 //  `connecting` retries it every GREET_RETRY_MS (and at once when the socket
 //  monitor reports the handshake) — the first frame set on a connection is
 //  always READY.
@@ -130,16 +131,12 @@ struct _gw_worker_t {
     size_t body_max;  //  largest body accepted, bytes
 
     s_state_t state;  //  connection state
-    zsock_t *sock;  //  DEALER to the broker; never NULL
-    zsock_t *monitor;  //  PAIR reading the DEALER's monitor, or NULL
-    char monitor_ep[64];  //  inproc endpoint of the monitor
-    bool link_up;  //  monitor saw CONNECTED since connect
+    gw_link_t *link;  //  DEALER to the broker + its monitor; never NULL
     bool connected;  //  broker answered since the last connect
     uint64_t connects;  //  connects so far
     int64_t reconnect_at;  //  mono ms, waiting: when to connect
     int64_t greet_at;  //  mono ms, connecting: next READY attempt
-    int64_t last_recv;  //  mono ms, last input
-    int64_t last_send;  //  mono ms, last frame set sent
+    int64_t last_recv;  //  mono ms, last input (last send: gw_link)
     int64_t last_ping;  //  mono ms, last PING sent
 
     zhashx_t *requests;  //  rid -> s_request_t, ≤ capacity entries
@@ -153,23 +150,7 @@ struct _gw_worker_t {
 static int s_execute (gw_worker_t *self, s_event_t event);
 
 //  --------------------------------------------------------------------------
-//  Request map: 16-byte binary keys
-
-static size_t
-s_rid_hash (const void *key)
-{
-    uint64_t a, b;
-    memcpy (&a, key, 8);
-    memcpy (&b, (const uint8_t *)key + 8, 8);
-    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
-    return (size_t)(h ^ (h >> 31));
-}
-
-static int
-s_rid_compare (const void *a, const void *b)
-{
-    return memcmp (a, b, 16);
-}
+//  Request map (gw_rid_map_new) and link
 
 static void
 s_request_free (void **item_p)
@@ -178,158 +159,28 @@ s_request_free (void **item_p)
     *item_p = NULL;
 }
 
-static zhashx_t *
-s_requests_new (void)
+static gw_link_t *
+s_link_new (gw_worker_t *self)
 {
-    zhashx_t *map = zhashx_new ();
-    assert (map);
-    zhashx_set_key_hasher (map, s_rid_hash);
-    zhashx_set_key_comparator (map, s_rid_compare);
-    zhashx_set_key_duplicator (map, NULL);
-    zhashx_set_key_destructor (map, NULL);
-    zhashx_set_destructor (map, s_request_free);
-    return map;
+    char name[GW_SERVICE_MAX + 16];
+    snprintf (name, sizeof (name), "worker %s", self->service);
+    return gw_link_new (name, self->heartbeat, self->expiry);
 }
 
-//  --------------------------------------------------------------------------
-//  Error object body: {"error":{"message","type","param":nil,"code"}}
-
-static void
-s_pack_str (msgpack_packer *pk, const char *text)
-{
-    size_t size = strlen (text);
-    msgpack_pack_str (pk, size);
-    msgpack_pack_str_body (pk, text, size);
-}
-
-static zframe_t *
-s_error_body (const char *type, const char *code, const char *message)
-{
-    msgpack_sbuffer sbuf;
-    msgpack_sbuffer_init (&sbuf);
-    msgpack_packer pk;
-    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
-    msgpack_pack_map (&pk, 1);
-    s_pack_str (&pk, "error");
-    msgpack_pack_map (&pk, 4);
-    s_pack_str (&pk, "message");
-    s_pack_str (&pk, message ? message : "");
-    s_pack_str (&pk, "type");
-    s_pack_str (&pk, type ? type : "server_error");
-    s_pack_str (&pk, "param");
-    msgpack_pack_nil (&pk);
-    s_pack_str (&pk, "code");
-    if (code)
-        s_pack_str (&pk, code);
-    else
-        msgpack_pack_nil (&pk);
-    zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
-    msgpack_sbuffer_destroy (&sbuf);
-    return frame;
-}
-
-//  --------------------------------------------------------------------------
-//  Sockets
-
-//  A fresh, unconnected DEALER with the options of PROTOCOL.md §9.
-static zsock_t *
-s_socket_new (gw_worker_t *self)
-{
-    zsock_t *sock = zsock_new (ZMQ_DEALER);
-    assert (sock);
-    zsock_set_sndhwm (sock, 100000);
-    zsock_set_rcvhwm (sock, 100000);
-    zsock_set_linger (sock, 0);
-    zsock_set_immediate (sock, 1);
-    zsock_set_sndtimeo (sock, 0);
-    zsock_set_rcvtimeo (sock, 0);
-    zsock_set_heartbeat_ivl (sock, self->heartbeat);
-    zsock_set_heartbeat_timeout (sock, self->expiry);
-    zsock_set_heartbeat_ttl (sock, self->expiry);
-    return sock;
-}
-
-static void
-s_monitor_stop (gw_worker_t *self)
-{
-    if (self->monitor) {
-        zmq_socket_monitor (zsock_resolve (self->sock), NULL, 0);
-        zsock_destroy (&self->monitor);
-    }
-}
-
-static void
-s_monitor_start (gw_worker_t *self)
-{
-    static uint32_t s_serial;
-    uint32_t serial = __atomic_fetch_add (&s_serial, 1, __ATOMIC_RELAXED);
-    snprintf (self->monitor_ep, sizeof (self->monitor_ep), "inproc://gw-worker-mon-%d-%u",
-        (int)getpid (), serial);
-    int rc = zmq_socket_monitor (zsock_resolve (self->sock), self->monitor_ep,
-        ZMQ_EVENT_CONNECTED | ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED);
-    if (rc == 0) {
-        self->monitor = zsock_new (ZMQ_PAIR);
-        assert (self->monitor);
-        if (zsock_connect (self->monitor, "%s", self->monitor_ep)) {
-            zmq_socket_monitor (zsock_resolve (self->sock), NULL, 0);
-            zsock_destroy (&self->monitor);
-        }
-    }
-    if (!self->monitor)
-        gw_warn ("worker %s: socket monitor unavailable: %s", self->service,
-            zmq_strerror (zmq_errno ()));
-}
-
-//  Read every pending monitor event. Returns true if the connection dropped
-//  after it was up (the caller raises E_LINK_LOST); stops reading then.
+//  Read the link's monitor events: a connection that came up makes READY due
+//  at once. Returns true if the connection dropped after it was up (the
+//  caller raises E_LINK_LOST).
 static bool
-s_monitor_read (gw_worker_t *self, int64_t now)
+s_link_lost (gw_worker_t *self, int64_t now)
 {
-    if (!self->monitor)
-        return false;
-    void *handle = zsock_resolve (self->monitor);
-    while (true) {
-        zmq_msg_t part;
-        zmq_msg_init (&part);
-        if (zmq_msg_recv (&part, handle, ZMQ_DONTWAIT) < 0) {
-            zmq_msg_close (&part);
-            return false;
-        }
-        uint16_t event = 0;
-        if (zmq_msg_size (&part) >= 6)
-            memcpy (&event, zmq_msg_data (&part), 2);
-        bool more = zmq_msg_more (&part);
-        zmq_msg_close (&part);
-        while (more) {  //  the address frame
-            zmq_msg_init (&part);
-            if (zmq_msg_recv (&part, handle, ZMQ_DONTWAIT) < 0)
-                more = false;
-            else
-                more = zmq_msg_more (&part);
-            zmq_msg_close (&part);
-        }
-        if (event == ZMQ_EVENT_CONNECTED || event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
-            self->link_up = true;
-            self->greet_at = now;  //  READY can go now
-        }
-        else if (event == ZMQ_EVENT_DISCONNECTED && self->link_up) {
-            self->link_up = false;
-            return true;
-        }
-    }
+    int events = gw_link_events (self->link);
+    if (events & GW_LINK_UP)
+        self->greet_at = now;  //  READY can go now
+    return (events & GW_LINK_LOST) != 0;
 }
 
 //  --------------------------------------------------------------------------
 //  Sending
-
-static int
-s_send (gw_worker_t *self, gw_msg_t *msg)
-{
-    if (gw_msg_send (msg, self->sock))
-        return -1;
-    self->last_send = gw_mono_ms ();
-    return 0;
-}
 
 //  Send a command with no frames of its own (PONG, DISCONNECT) or PING.
 static int
@@ -337,7 +188,7 @@ s_send_simple (gw_worker_t *self, int id)
 {
     gw_msg_set_id (self->out, id);
     gw_msg_set_role (self->out, id == GW_MSG_PING ? 'W' : 0);
-    return s_send (self, self->out);
+    return gw_link_send (self->link, self->out);
 }
 
 //  --------------------------------------------------------------------------
@@ -357,19 +208,15 @@ s_action (gw_worker_t *self, unsigned action, int64_t now)
 {
     switch (action) {
         case A_CONNECT:
-            s_monitor_start (self);
-            if (zsock_connect (self->sock, "%s", self->endpoint)) {
+            if (gw_link_connect (self->link, self->endpoint)) {
                 gw_error (
                     "worker %s: cannot connect to %s", self->service, self->endpoint);
-                s_monitor_stop (self);
                 self->reconnect_at = now + self->backoff;
                 return -1;
             }
             self->connects++;
-            self->link_up = false;
             self->connected = false;
             self->last_recv = now;
-            self->last_send = now;
             self->last_ping = now;
             self->greet_at = now;
             return 0;
@@ -379,7 +226,7 @@ s_action (gw_worker_t *self, unsigned action, int64_t now)
             gw_msg_set_capacity (self->out, self->capacity);
             gw_msg_set_flags (self->out, self->ready_flags);
             gw_msg_set_label (self->out, self->label);
-            if (s_send (self, self->out)) {
+            if (gw_link_send (self->link, self->out)) {
                 self->greet_at = now + GREET_RETRY_MS;
                 return -1;
             }
@@ -402,10 +249,8 @@ s_action (gw_worker_t *self, unsigned action, int64_t now)
             return 0;
         case A_RESET:
             s_abandon (self);
-            s_monitor_stop (self);
-            zsock_destroy (&self->sock);
-            self->sock = s_socket_new (self);
-            self->link_up = false;
+            gw_link_destroy (&self->link);
+            self->link = s_link_new (self);
             self->connected = false;
             self->reconnect_at = now + self->backoff;
             gw_info ("worker %s: lost %s, reconnecting in %d ms", self->service,
@@ -465,9 +310,9 @@ gw_worker_new (
     self->reconnect_max = 32000;
     self->backoff = self->reconnect_min;
     self->body_max = GW_BODY_MAX_DEFAULT;
-    self->requests = s_requests_new ();
+    self->requests = gw_rid_map_new (s_request_free);
     self->out = gw_msg_new (GW_MSG_PING);
-    self->sock = s_socket_new (self);
+    self->link = s_link_new (self);
     self->state = S_WAITING;
     //  Connect at once; READY goes out from the first recv/tick/wait, so
     //  options set after new (label, heartbeat) are in effect by then.
@@ -485,9 +330,8 @@ gw_worker_destroy (gw_worker_t **self_p)
     if (*self_p) {
         gw_worker_t *self = *self_p;
         if (self->state == S_ACTIVE && s_send_simple (self, GW_MSG_DISCONNECT) == 0)
-            zsock_set_linger (self->sock, 100);  //  let DISCONNECT leave
-        s_monitor_stop (self);
-        zsock_destroy (&self->sock);
+            gw_link_set_linger (self->link, 100);  //  let DISCONNECT leave
+        gw_link_destroy (&self->link);
         zhashx_destroy (&self->requests);
         gw_msg_destroy (&self->in);
         gw_msg_destroy (&self->out);
@@ -508,9 +352,7 @@ gw_worker_set_heartbeat (gw_worker_t *self, int heartbeat_ms, int expiry_ms)
     self->heartbeat = heartbeat_ms;
     self->expiry = expiry_ms;
     //  ZMTP heartbeats apply from the socket's next connection.
-    zsock_set_heartbeat_ivl (self->sock, heartbeat_ms);
-    zsock_set_heartbeat_timeout (self->sock, expiry_ms);
-    zsock_set_heartbeat_ttl (self->sock, expiry_ms);
+    gw_link_set_heartbeat (self->link, heartbeat_ms, expiry_ms);
 }
 
 void
@@ -544,7 +386,7 @@ zsock_t *
 gw_worker_socket (gw_worker_t *self)
 {
     assert (self);
-    return self->sock;
+    return gw_link_socket (self->link);
 }
 
 //  Dispatch one valid frame set from the broker. Returns true if it goes to
@@ -575,14 +417,14 @@ s_dispatch (gw_worker_t *self, gw_msg_t *msg)
         if (zhashx_size (self->requests) >= self->capacity) {
             gw_warn ("worker %s: REQUEST beyond capacity %u refused", self->service,
                 self->capacity);
-            zframe_t *body = s_error_body ("gateway_error", "over_capacity",
+            zframe_t *body = gw_msg_error_body ("gateway_error", "over_capacity",
                 "worker received more requests than its capacity");
             gw_msg_set_id (self->out, GW_MSG_FINAL);
             gw_msg_set_rid (self->out, rid);
             gw_msg_set_status (self->out, 503);
             gw_msg_set_envelope (self->out, NULL);
             gw_msg_set_body (self->out, &body);
-            s_send (self, self->out);
+            gw_link_send (self->link, self->out);
             gw_msg_set_body (self->out, NULL);
             return false;
         }
@@ -630,7 +472,7 @@ gw_worker_recv (gw_worker_t *self)
             self->in = gw_msg_new (0);
             gw_msg_set_body_max (self->in, self->body_max);
         }
-        int rc = gw_msg_recv (self->in, self->sock);
+        int rc = gw_msg_recv (self->in, gw_link_socket (self->link));
         if (rc == GW_MSG_NONE)
             break;
         if (rc == GW_MSG_MALFORMED) {
@@ -651,7 +493,7 @@ gw_worker_recv (gw_worker_t *self)
             return msg;
         }
     }
-    if (s_monitor_read (self, gw_mono_ms ()))
+    if (s_link_lost (self, gw_mono_ms ()))
         s_execute (self, E_LINK_LOST);
     return NULL;
 }
@@ -661,7 +503,7 @@ gw_worker_recv (gw_worker_t *self)
 static int64_t
 s_ping_due (gw_worker_t *self)
 {
-    int64_t ping = self->last_send + self->heartbeat;
+    int64_t ping = gw_link_last_send (self->link) + self->heartbeat;
     int64_t quiet =
         (self->last_recv > self->last_ping ? self->last_recv : self->last_ping) +
         self->heartbeat;
@@ -707,8 +549,8 @@ gw_worker_tick (gw_worker_t *self)
     //  Input waiting to be read is a sign of life the caller has not
     //  collected yet: let recv see it (and data before the monitor) before
     //  judging the link.
-    if (!(zsock_events (self->sock) & ZMQ_POLLIN)) {
-        if (s_monitor_read (self, now) && s_execute (self, E_LINK_LOST) == 0)
+    if (!gw_link_input (self->link)) {
+        if (s_link_lost (self, now) && s_execute (self, E_LINK_LOST) == 0)
             return;
         if (now >= self->last_recv + self->expiry) {
             gw_warn ("worker %s: broker silent for %d ms", self->service, self->expiry);
@@ -751,7 +593,8 @@ gw_worker_wait (gw_worker_t *self, int timeout_ms)
         int64_t wait = gw_worker_timeout (self);
         if (end - now < wait)
             wait = end - now;
-        zmq_pollitem_t item = {zsock_resolve (self->sock), 0, ZMQ_POLLIN, 0};
+        zmq_pollitem_t item = {
+            zsock_resolve (gw_link_socket (self->link)), 0, ZMQ_POLLIN, 0};
         if (zmq_poll (&item, 1, (long)wait) < 0 && zmq_errno () == EINTR)
             break;
     }
@@ -775,7 +618,7 @@ gw_worker_partial (
     gw_msg_set_rid (self->out, rid);
     gw_msg_set_seq (self->out, req->seq);
     gw_msg_set_body (self->out, &payload);
-    int rc = s_send (self, self->out);
+    int rc = gw_link_send (self->link, self->out);
     gw_msg_set_body (self->out, NULL);
     if (rc)
         return GW_ERROR;
@@ -807,7 +650,7 @@ gw_worker_final (gw_worker_t *self, const uint8_t rid[16], uint16_t status,
     gw_msg_set_status (self->out, status);
     gw_msg_set_envelope (self->out, &envelope);
     gw_msg_set_body (self->out, &body);
-    int rc = s_send (self, self->out);
+    int rc = gw_link_send (self->link, self->out);
     gw_msg_set_envelope (self->out, NULL);
     gw_msg_set_body (self->out, NULL);
     zhashx_delete (self->requests, rid);
@@ -823,7 +666,7 @@ gw_worker_error (gw_worker_t *self, const uint8_t rid[16], uint16_t status,
     assert (self);
     if (!zhashx_lookup (self->requests, rid))
         return -1;
-    zframe_t *body = s_error_body (type, code, message);
+    zframe_t *body = gw_msg_error_body (type, code, message);
     return gw_worker_final (self, rid, status, NULL, &body);
 }
 
@@ -857,7 +700,7 @@ gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope
     //  Borrow the request's body: it is sent by reference and taken back.
     zframe_t *body = gw_msg_body (request);
     gw_msg_set_body (self->out, &body);
-    int rc = s_send (self, self->out);
+    int rc = gw_link_send (self->link, self->out);
     gw_msg_take_body (self->out);
     gw_msg_set_envelope (self->out, NULL);
     zhashx_delete (self->requests, rid);

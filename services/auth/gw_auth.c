@@ -218,21 +218,6 @@ gw_auth_size (gw_auth_t *self)
 //  --------------------------------------------------------------------------
 //  Keys file
 
-static int s_fail (char *error, size_t error_size, const char *format, ...)
-    __attribute__ ((format (printf, 3, 4)));
-
-static int
-s_fail (char *error, size_t error_size, const char *format, ...)
-{
-    if (error && error_size) {
-        va_list args;
-        va_start (args, format);
-        vsnprintf (error, error_size, format, args);
-        va_end (args);
-    }
-    return -1;
-}
-
 static bool
 s_text_valid (const char *text, size_t size, size_t max, bool commas)
 {
@@ -244,16 +229,6 @@ s_text_valid (const char *text, size_t size, size_t max, bool commas)
             return false;
     }
     return true;
-}
-
-static char *
-s_strndup (const char *data, size_t size)
-{
-    char *copy = (char *)malloc (size + 1);
-    assert (copy);
-    memcpy (copy, data, size);
-    copy[size] = 0;
-    return copy;
 }
 
 static int
@@ -281,7 +256,7 @@ s_parse_entry (
 {
     gw_mvalue_t value, field;
     if (gw_mreader_next (reader, &value) || value.type != GW_MP_MAP) {
-        s_fail (error, error_size, "keys[%u]: must be an object", index);
+        gw_fail (error, error_size, "keys[%u]: must be an object", index);
         return NULL;
     }
     uint8_t digest[DIGEST_SIZE];
@@ -292,7 +267,7 @@ s_parse_entry (
     uint32_t pairs = value.v.count;
     for (uint32_t i = 0; i < pairs; i++) {
         if (gw_mreader_next (reader, &field) || field.type != GW_MP_STR) {
-            s_fail (error, error_size, "keys[%u]: malformed field name", index);
+            gw_fail (error, error_size, "keys[%u]: malformed field name", index);
             goto done;
         }
         char key[16] = "";
@@ -301,7 +276,7 @@ s_parse_entry (
         if (streq (key, "models")) {
             if (models || gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
                 value.v.count == 0 || value.v.count > MODELS_MAX) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "keys[%u].models: must be a non-empty array of model names (omit it "
                     "to "
                     "allow every model)",
@@ -315,7 +290,7 @@ s_parse_entry (
                 gw_mvalue_t item;
                 if (gw_mreader_next (reader, &item) || item.type != GW_MP_STR ||
                     !s_text_valid (item.ptr, item.size, NAME_MAX_, false)) {
-                    s_fail (error, error_size,
+                    gw_fail (error, error_size,
                         "keys[%u].models[%u]: must be a model name (no commas)", index,
                         m);
                     goto done;
@@ -333,25 +308,25 @@ s_parse_entry (
         }
         if (!streq (key, "key") && !streq (key, "sha256") && !streq (key, "user") &&
             !streq (key, "group") && !streq (key, "name")) {
-            s_fail (error, error_size, "keys[%u]: unknown field \"%.*s\"", index,
+            gw_fail (error, error_size, "keys[%u]: unknown field \"%.*s\"", index,
                 (int)(field.size > 40 ? 40 : field.size), field.ptr);
             goto done;
         }
         if (gw_mreader_next (reader, &value) || value.type != GW_MP_STR ||
             memchr (value.ptr, 0, value.size)) {
-            s_fail (error, error_size, "keys[%u].%s: must be a string", index, key);
+            gw_fail (error, error_size, "keys[%u].%s: must be a string", index, key);
             goto done;
         }
         if (streq (key, "key") || streq (key, "sha256")) {
             if (have_digest) {
-                s_fail (error, error_size, "keys[%u]: give one of key or sha256, once",
+                gw_fail (error, error_size, "keys[%u]: give one of key or sha256, once",
                     index);
                 goto done;
             }
             if (streq (key, "key")) {
                 if (!s_text_valid (value.ptr, value.size, KEY_BYTES_MAX, true) ||
                     s_space (value.ptr[0]) || s_space (value.ptr[value.size - 1])) {
-                    s_fail (error, error_size,
+                    gw_fail (error, error_size,
                         "keys[%u].key: must be 1 to %d bytes, no control characters or "
                         "surrounding spaces",
                         index, KEY_BYTES_MAX);
@@ -360,7 +335,7 @@ s_parse_entry (
                 s_hash (self, value.ptr, value.size, digest);
             }
             else if (s_unhex (value.ptr, value.size, digest)) {
-                s_fail (
+                gw_fail (
                     error, error_size, "keys[%u].sha256: must be 64 hex digits", index);
                 goto done;
             }
@@ -371,17 +346,17 @@ s_parse_entry (
                 : streq (key, "group")          ? &group
                                                 : &name;
             if (*target || !s_text_valid (value.ptr, value.size, PRINCIPAL_MAX, true)) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "keys[%u].%s: must be given once, 1 to %d bytes, no control "
                     "characters",
                     index, key, PRINCIPAL_MAX);
                 goto done;
             }
-            *target = s_strndup (value.ptr, value.size);
+            *target = gw_strndup (value.ptr, value.size);
         }
     }
     if (!have_digest) {
-        s_fail (error, error_size, "keys[%u]: needs \"key\" or \"sha256\"", index);
+        gw_fail (error, error_size, "keys[%u]: needs \"key\" or \"sha256\"", index);
         goto done;
     }
     ok = true;
@@ -419,7 +394,7 @@ s_parse_file (
     gw_json_error_t jerror;
     zhashx_t *table = NULL;
     if (gw_json_to_msgpack (text, size, &pk, &limits, &jerror)) {
-        s_fail (error, error_size, "invalid JSON at byte %zu: %s", jerror.offset,
+        gw_fail (error, error_size, "invalid JSON at byte %zu: %s", jerror.offset,
             jerror.message);
         goto done;
     }
@@ -427,11 +402,11 @@ s_parse_file (
     gw_mreader_init (&reader, sbuf.data, sbuf.size);
     gw_mvalue_t value;
     if (gw_mreader_next (&reader, &value) || value.type != GW_MP_ARRAY) {
-        s_fail (error, error_size, "the file must hold a JSON array of keys");
+        gw_fail (error, error_size, "the file must hold a JSON array of keys");
         goto done;
     }
     if (value.v.count > ENTRIES_MAX) {
-        s_fail (error, error_size, "more than %d keys", ENTRIES_MAX);
+        gw_fail (error, error_size, "more than %d keys", ENTRIES_MAX);
         goto done;
     }
     table = s_table_new ();
@@ -442,7 +417,7 @@ s_parse_file (
             goto done;
         }
         if (s_table_insert (table, key)) {
-            s_fail (error, error_size, "keys[%u]: the same key is listed twice", i);
+            gw_fail (error, error_size, "keys[%u]: the same key is listed twice", i);
             zhashx_destroy (&table);
             goto done;
         }
@@ -460,14 +435,14 @@ s_load_file (gw_auth_t *self, char *error, size_t error_size)
 {
     struct stat info;
     if (stat (self->file, &info))
-        return s_fail (error, error_size, "%s: %s", self->file, strerror (errno));
+        return gw_fail (error, error_size, "%s: %s", self->file, strerror (errno));
     self->mtime = info.st_mtim;
     self->ctime = info.st_ctim;
     self->file_size = info.st_size;
     self->inode = info.st_ino;
     FILE *file = fopen (self->file, "rb");
     if (!file)
-        return s_fail (error, error_size, "%s: %s", self->file, strerror (errno));
+        return gw_fail (error, error_size, "%s: %s", self->file, strerror (errno));
     char *text = (char *)malloc (FILE_MAX + 1);
     assert (text);
     size_t size = fread (text, 1, FILE_MAX + 1, file);
@@ -476,9 +451,9 @@ s_load_file (gw_auth_t *self, char *error, size_t error_size)
     int rc = -1;
     char detail[384];
     if (failed)
-        s_fail (error, error_size, "%s: read error", self->file);
+        gw_fail (error, error_size, "%s: read error", self->file);
     else if (size > FILE_MAX)
-        s_fail (error, error_size, "%s: larger than %d bytes", self->file, FILE_MAX);
+        gw_fail (error, error_size, "%s: larger than %d bytes", self->file, FILE_MAX);
     else {
         zhashx_t *table = s_parse_file (self, text, size, detail, sizeof (detail));
         if (table) {
@@ -487,7 +462,7 @@ s_load_file (gw_auth_t *self, char *error, size_t error_size)
             rc = 0;
         }
         else
-            s_fail (error, error_size, "%s: %s", self->file, detail);
+            gw_fail (error, error_size, "%s: %s", self->file, detail);
     }
     OPENSSL_cleanse (text, size < FILE_MAX ? size : FILE_MAX);
     free (text);
@@ -560,22 +535,6 @@ s_csv_has (const char *list, const char *name)
 }
 
 //  Copy text into out, cut at a UTF-8 boundary.
-static const char *
-s_clip (const char *text, char *out, size_t out_size)
-{
-    size_t size = strlen (text);
-    if (size >= out_size) {
-        size = out_size - 4;
-        while (size > 0 && ((unsigned char)text[size] & 0xC0) == 0x80)
-            size--;
-        memcpy (out, text, size);
-        strcpy (out + size, "...");
-    }
-    else
-        memcpy (out, text, size + 1);
-    return out;
-}
-
 static int s_refuse (gw_auth_refusal_t *refusal, uint16_t status, const char *type,
     const char *code, const char *format, ...) __attribute__ ((format (printf, 5, 6)));
 
@@ -664,7 +623,7 @@ gw_auth_check (gw_auth_t *self, gw_envelope_t *envelope, gw_auth_refusal_t *refu
             char shown[208];
             rc = s_refuse (refusal, 403, "invalid_request_error", "model_not_allowed",
                 "This API key does not have access to the model `%s`.",
-                s_clip (model, shown, sizeof (shown)));
+                gw_clip (model, shown, sizeof (shown)));
             goto done;
         }
     }

@@ -432,33 +432,6 @@ s_usage_parse (const char *p, const char *end, uint64_t usage[3])
     return rc;
 }
 
-//  msgpack {"error": {"message", "type", "param": nil, "code"}}
-static zframe_t *
-s_error_frame (const char *type, const char *code, const char *message)
-{
-    msgpack_sbuffer sbuf;
-    msgpack_sbuffer_init (&sbuf);
-    msgpack_packer pk;
-    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
-    msgpack_pack_map (&pk, 1);
-    gw_mpack_str (&pk, "error");
-    msgpack_pack_map (&pk, 4);
-    gw_mpack_str (&pk, "message");
-    gw_mpack_str (&pk, message);
-    gw_mpack_str (&pk, "type");
-    gw_mpack_str (&pk, type);
-    gw_mpack_str (&pk, "param");
-    msgpack_pack_nil (&pk);
-    gw_mpack_str (&pk, "code");
-    if (code)
-        gw_mpack_str (&pk, code);
-    else
-        msgpack_pack_nil (&pk);
-    zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
-    msgpack_sbuffer_destroy (&sbuf);
-    return frame;
-}
-
 //  The provider's error body as an OpenAI error object (msgpack): passed
 //  through when it is {"error": {...}}, otherwise synthesized. The message
 //  (printable ASCII, for our own texts) goes to message_out.
@@ -496,7 +469,7 @@ s_error_from_provider (
         snprintf (text, sizeof (text), "upstream returned HTTP %ld%s%s", status,
             snippet[0] ? ": " : "", snippet);
         snprintf (message_out, message_max, "%s", snippet);
-        frame = s_error_frame (
+        frame = gw_msg_error_body (
             status == 429 ? "rate_limit_error" : "upstream_error", NULL, text);
     }
     return frame;
@@ -740,21 +713,6 @@ s_request_free (void **item_p)
     s_request_destroy ((s_request_t **)item_p);
 }
 
-static size_t
-s_rid_hash (const void *key)
-{
-    //  rids are random: the first bytes are a good hash
-    size_t hash;
-    memcpy (&hash, key, sizeof (hash));
-    return hash;
-}
-
-static int
-s_rid_compare (const void *a, const void *b)
-{
-    return memcmp (a, b, 16);
-}
-
 static const char *
 s_channel_id (s_request_t *req)
 {
@@ -838,7 +796,7 @@ static void
 s_final_error (s_request_t *req, uint16_t status, const char *type, const char *code,
     const char *message)
 {
-    s_final (req, status, s_error_frame (type, code, message), false);
+    s_final (req, status, gw_msg_error_body (type, code, message), false);
 }
 
 //  --------------------------------------------------------------------------
@@ -1586,13 +1544,7 @@ s_bridge_new (zsock_t *pipe)
     self->body_max = GW_BODY_MAX_DEFAULT;
     self->event_max = 1024 * 1024;
     self->timer_at = -1;
-    self->requests = zhashx_new ();
-    assert (self->requests);
-    zhashx_set_key_hasher (self->requests, s_rid_hash);
-    zhashx_set_key_comparator (self->requests, s_rid_compare);
-    zhashx_set_key_duplicator (self->requests, NULL);
-    zhashx_set_key_destructor (self->requests, NULL);
-    zhashx_set_destructor (self->requests, s_request_free);
+    self->requests = gw_rid_map_new (s_request_free);
     self->breakers = gw_breaker_new (self->breaker_failures, self->breaker_cooldown);
     self->multi = curl_multi_init ();
     assert (self->multi);

@@ -156,31 +156,6 @@ s_url_valid (const char *url, size_t size)
     return true;
 }
 
-static int s_fail (char *error, size_t error_size, const char *format, ...)
-    __attribute__ ((format (printf, 3, 4)));
-
-static int
-s_fail (char *error, size_t error_size, const char *format, ...)
-{
-    if (error && error_size) {
-        va_list args;
-        va_start (args, format);
-        vsnprintf (error, error_size, format, args);
-        va_end (args);
-    }
-    return -1;
-}
-
-static char *
-s_strndup (const char *data, size_t size)
-{
-    char *copy = (char *)malloc (size + 1);
-    assert (copy);
-    memcpy (copy, data, size);
-    copy[size] = 0;
-    return copy;
-}
-
 //  Read one STR value that holds no NUL byte. Returns 0, or -1 (reader left
 //  past the value if it was well formed).
 static int
@@ -229,42 +204,42 @@ s_parse_models (gw_mreader_t *reader, s_channel_t *ch, const char *where, char *
     gw_mvalue_t value;
     gw_mreader_t peek = *reader;
     if (gw_mreader_next (&peek, &value))
-        return s_fail (error, error_size, "%s.models: malformed", where);
+        return gw_fail (error, error_size, "%s.models: malformed", where);
     if (value.type == GW_MP_STR) {
         if (s_read_str (reader, &value) || !gw_mvalue_streq (&value, "*"))
-            return s_fail (error, error_size,
+            return gw_fail (error, error_size,
                 "%s.models: must be an array of model names or the string \"*\"", where);
         ch->wildcard = true;
         return 0;
     }
     if (value.type != GW_MP_ARRAY)
-        return s_fail (error, error_size,
+        return gw_fail (error, error_size,
             "%s.models: must be an array of model names or the string \"*\"", where);
     gw_mreader_next (reader, &value);
     uint32_t count = value.v.count;
     if (count > MODELS_MAX)
-        return s_fail (
+        return gw_fail (
             error, error_size, "%s.models: more than %d names", where, MODELS_MAX);
     ch->models = s_set_new ();
     for (uint32_t i = 0; i < count; i++) {
         if (s_read_str (reader, &value))
-            return s_fail (
+            return gw_fail (
                 error, error_size, "%s.models[%u]: must be a string", where, i);
         if (gw_mvalue_streq (&value, "*")) {
             ch->wildcard = true;
             continue;
         }
         if (!gw_channels_name_valid (value.ptr, value.size))
-            return s_fail (error, error_size,
+            return gw_fail (error, error_size,
                 "%s.models[%u]: must be 1 to %d bytes without commas or control "
                 "characters",
                 where, i, GW_CHANNELS_NAME_MAX);
-        char *name = s_strndup (value.ptr, value.size);
+        char *name = gw_strndup (value.ptr, value.size);
         zhashx_insert (ch->models, name, s_present);
         free (name);
     }
     if (ch->wildcard && zhashx_size (ch->models))
-        return s_fail (error, error_size,
+        return gw_fail (error, error_size,
             "%s.models: \"*\" passes every model through; give it alone", where);
     return 0;
 }
@@ -275,28 +250,28 @@ s_parse_model_map (gw_mreader_t *reader, s_channel_t *ch, const char *where, cha
 {
     gw_mvalue_t value;
     if (gw_mreader_next (reader, &value) || value.type != GW_MP_MAP)
-        return s_fail (error, error_size,
+        return gw_fail (error, error_size,
             "%s.model_map: must be an object of client name -> upstream name", where);
     uint32_t count = value.v.count;
     if (count > MODELS_MAX)
-        return s_fail (
+        return gw_fail (
             error, error_size, "%s.model_map: more than %d entries", where, MODELS_MAX);
     ch->model_map = s_map_new ();
     for (uint32_t i = 0; i < count; i++) {
         gw_mvalue_t key;
         if (s_read_str (reader, &key) || !gw_channels_name_valid (key.ptr, key.size) ||
             gw_mvalue_streq (&key, "*"))
-            return s_fail (error, error_size,
+            return gw_fail (error, error_size,
                 "%s.model_map: each key must be a model name (not \"*\")", where);
-        char *client = s_strndup (key.ptr, key.size);
+        char *client = gw_strndup (key.ptr, key.size);
         if (s_read_str (reader, &value) ||
             !gw_channels_name_valid (value.ptr, value.size)) {
-            s_fail (error, error_size, "%s.model_map.%s: must be an upstream model name",
+            gw_fail (error, error_size, "%s.model_map.%s: must be an upstream model name",
                 where, client);
             free (client);
             return -1;
         }
-        char *upstream = s_strndup (value.ptr, value.size);
+        char *upstream = gw_strndup (value.ptr, value.size);
         zhashx_update (ch->model_map, client, upstream);
         free (client);
     }
@@ -309,21 +284,21 @@ s_parse_keys (gw_mreader_t *reader, s_channel_t *ch, const char *where, char *er
 {
     gw_mvalue_t value;
     if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY)
-        return s_fail (error, error_size, "%s.keys: must be an array of strings", where);
+        return gw_fail (error, error_size, "%s.keys: must be an array of strings", where);
     uint32_t count = value.v.count;
     if (count > KEYS_MAX)
-        return s_fail (error, error_size, "%s.keys: more than %d keys", where, KEYS_MAX);
+        return gw_fail (error, error_size, "%s.keys: more than %d keys", where, KEYS_MAX);
     ch->keys = (char **)zmalloc ((count ? count : 1) * sizeof (char *));
     assert (ch->keys);
     for (uint32_t i = 0; i < count; i++) {
         if (s_read_str (reader, &value) || value.size == 0 || value.size > KEY_BYTES_MAX)
-            return s_fail (
+            return gw_fail (
                 error, error_size, "%s.keys[%u]: must be a non-empty string", where, i);
         for (uint32_t b = 0; b < value.size; b++)
             if ((unsigned char)value.ptr[b] < 0x20 || value.ptr[b] == 0x7f)
-                return s_fail (error, error_size,
+                return gw_fail (error, error_size,
                     "%s.keys[%u]: contains a control character", where, i);
-        ch->keys[ch->key_count++] = s_strndup (value.ptr, value.size);
+        ch->keys[ch->key_count++] = gw_strndup (value.ptr, value.size);
     }
     return 0;
 }
@@ -337,7 +312,7 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
     snprintf (where, sizeof (where), "channels[%zu]", index);
     gw_mvalue_t value;
     if (gw_mreader_next (reader, &value) || value.type != GW_MP_MAP)
-        return s_fail (error, error_size, "%s: must be an object", where);
+        return gw_fail (error, error_size, "%s: must be an object", where);
     s_channel_t *ch = s_channel_new ();
     bool enabled = true, have_models = false, have_keys = false;
     int rc = -1;
@@ -345,7 +320,7 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
     for (uint32_t i = 0; i < pairs; i++) {
         gw_mvalue_t key;
         if (s_read_str (reader, &key)) {
-            s_fail (error, error_size, "%s: malformed field name", where);
+            gw_fail (error, error_size, "%s: malformed field name", where);
             goto done;
         }
         char field[24] = "";
@@ -356,27 +331,27 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
                 : streq (field, "type")         ? &ch->type
                                                 : &ch->base_url;
             if (*target) {
-                s_fail (error, error_size, "%s.%s: given twice", where, field);
+                gw_fail (error, error_size, "%s.%s: given twice", where, field);
                 goto done;
             }
             if (s_read_str (reader, &value)) {
-                s_fail (error, error_size, "%s.%s: must be a string", where, field);
+                gw_fail (error, error_size, "%s.%s: must be a string", where, field);
                 goto done;
             }
             if (streq (field, "id") && !s_id_valid (value.ptr, value.size)) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "%s.id: must be 1 to %d characters of A-Z a-z 0-9 . _ : -", where,
                     ID_MAX);
                 goto done;
             }
             if (streq (field, "type") && !gw_mvalue_streq (&value, "openai")) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "%s.type: unsupported \"%.*s\" (supported: openai)", where,
                     (int)(value.size > 32 ? 32 : value.size), value.ptr);
                 goto done;
             }
             if (streq (field, "base_url") && !s_url_valid (value.ptr, value.size)) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "%s.base_url: must be an http:// or https:// URL without spaces",
                     where);
                 goto done;
@@ -385,11 +360,11 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
             if (streq (field, "base_url"))
                 while (size && value.ptr[size - 1] == '/')
                     size--;
-            *target = s_strndup (value.ptr, size);
+            *target = gw_strndup (value.ptr, size);
         }
         else if (streq (field, "keys") || streq (field, "key")) {
             if (have_keys) {
-                s_fail (error, error_size, "%s: give either key or keys, once", where);
+                gw_fail (error, error_size, "%s: give either key or keys, once", where);
                 goto done;
             }
             have_keys = true;
@@ -400,18 +375,18 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
             else {
                 if (s_read_str (reader, &value) || value.size == 0 ||
                     value.size > KEY_BYTES_MAX) {
-                    s_fail (
+                    gw_fail (
                         error, error_size, "%s.key: must be a non-empty string", where);
                     goto done;
                 }
                 ch->keys = (char **)zmalloc (sizeof (char *));
                 assert (ch->keys);
-                ch->keys[ch->key_count++] = s_strndup (value.ptr, value.size);
+                ch->keys[ch->key_count++] = gw_strndup (value.ptr, value.size);
             }
         }
         else if (streq (field, "models")) {
             if (have_models) {
-                s_fail (error, error_size, "%s.models: given twice", where);
+                gw_fail (error, error_size, "%s.models: given twice", where);
                 goto done;
             }
             have_models = true;
@@ -420,7 +395,7 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
         }
         else if (streq (field, "model_map")) {
             if (ch->model_map) {
-                s_fail (error, error_size, "%s.model_map: given twice", where);
+                gw_fail (error, error_size, "%s.model_map: given twice", where);
                 goto done;
             }
             if (s_parse_model_map (reader, ch, where, error, error_size))
@@ -429,7 +404,7 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
         else if (streq (field, "weight")) {
             int64_t number;
             if (s_read_int (reader, 1, WEIGHT_MAX, &number)) {
-                s_fail (error, error_size, "%s.weight: must be an integer from 1 to %d",
+                gw_fail (error, error_size, "%s.weight: must be an integer from 1 to %d",
                     where, WEIGHT_MAX);
                 goto done;
             }
@@ -438,7 +413,7 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
         else if (streq (field, "priority")) {
             int64_t number;
             if (s_read_int (reader, -PRIORITY_ABS, PRIORITY_ABS, &number)) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "%s.priority: must be an integer from %d to %d", where, -PRIORITY_ABS,
                     PRIORITY_ABS);
                 goto done;
@@ -448,7 +423,7 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
         else if (streq (field, "timeout_ms")) {
             int64_t number;
             if (s_read_int (reader, 1, TIMEOUT_MAX, &number)) {
-                s_fail (error, error_size,
+                gw_fail (error, error_size,
                     "%s.timeout_ms: must be an integer from 1 to %d", where, TIMEOUT_MAX);
                 goto done;
             }
@@ -456,23 +431,23 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
         }
         else if (streq (field, "enabled")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_BOOL) {
-                s_fail (error, error_size, "%s.enabled: must be true or false", where);
+                gw_fail (error, error_size, "%s.enabled: must be true or false", where);
                 goto done;
             }
             enabled = value.v.b;
         }
         else {
-            s_fail (error, error_size, "%s: unknown field \"%.*s\"", where,
+            gw_fail (error, error_size, "%s: unknown field \"%.*s\"", where,
                 (int)(key.size > 40 ? 40 : key.size), key.ptr);
             goto done;
         }
     }
     if (!ch->id) {
-        s_fail (error, error_size, "%s.id: required", where);
+        gw_fail (error, error_size, "%s.id: required", where);
         goto done;
     }
     if (!ch->base_url) {
-        s_fail (error, error_size, "%s (%s).base_url: required", where, ch->id);
+        gw_fail (error, error_size, "%s (%s).base_url: required", where, ch->id);
         goto done;
     }
     if (!ch->type)
@@ -539,14 +514,14 @@ s_add (gw_channels_t *self, s_channel_t **added, size_t count, char *error,
     size_t error_size)
 {
     if (self->size + count > GW_CHANNELS_MAX)
-        return s_fail (error, error_size, "more than %d channels", GW_CHANNELS_MAX);
+        return gw_fail (error, error_size, "more than %d channels", GW_CHANNELS_MAX);
     for (size_t i = 0; i < count; i++) {
         bool duplicate = s_find (self, added[i]->id) != NULL;
         for (size_t j = 0; j < i; j++)
             if (streq (added[j]->id, added[i]->id))
                 duplicate = true;
         if (duplicate)
-            return s_fail (
+            return gw_fail (
                 error, error_size, "channel id \"%s\" is used twice", added[i]->id);
     }
     self->channels = (s_channel_t **)realloc (
@@ -571,7 +546,7 @@ gw_channels_load (
 {
     assert (self);
     if (!json)
-        return s_fail (error, error_size, "no text");
+        return gw_fail (error, error_size, "no text");
     msgpack_sbuffer sbuf;
     msgpack_sbuffer_init (&sbuf);
     msgpack_packer pk;
@@ -584,7 +559,7 @@ gw_channels_load (
     size_t count = 0;
     int rc = -1;
     if (gw_json_to_msgpack (json, size, &pk, &limits, &jerror)) {
-        s_fail (error, error_size, "invalid JSON at byte %zu: %s", jerror.offset,
+        gw_fail (error, error_size, "invalid JSON at byte %zu: %s", jerror.offset,
             jerror.message);
         goto done;
     }
@@ -592,12 +567,12 @@ gw_channels_load (
     gw_mreader_init (&reader, sbuf.data, sbuf.size);
     gw_mvalue_t value;
     if (gw_mreader_next (&reader, &value) || value.type != GW_MP_ARRAY) {
-        s_fail (
+        gw_fail (
             error, error_size, "channels: the file must hold a JSON array of channels");
         goto done;
     }
     if (value.v.count > GW_CHANNELS_MAX) {
-        s_fail (error, error_size, "channels: more than %d channels", GW_CHANNELS_MAX);
+        gw_fail (error, error_size, "channels: more than %d channels", GW_CHANNELS_MAX);
         goto done;
     }
     added = (s_channel_t **)zmalloc ((value.v.count + 1) * sizeof (s_channel_t *));
@@ -631,7 +606,7 @@ gw_channels_load_file (
     char detail[512];
     FILE *file = fopen (path, "rb");
     if (!file)
-        return s_fail (error, error_size, "%s: %s", path, strerror (errno));
+        return gw_fail (error, error_size, "%s: %s", path, strerror (errno));
     char *text = (char *)malloc (FILE_MAX + 1);
     assert (text);
     size_t size = fread (text, 1, FILE_MAX + 1, file);
@@ -639,13 +614,13 @@ gw_channels_load_file (
     fclose (file);
     int rc;
     if (failed)
-        rc = s_fail (error, error_size, "%s: read error", path);
+        rc = gw_fail (error, error_size, "%s: read error", path);
     else if (size > FILE_MAX)
-        rc = s_fail (error, error_size, "%s: larger than %d bytes", path, FILE_MAX);
+        rc = gw_fail (error, error_size, "%s: larger than %d bytes", path, FILE_MAX);
     else {
         rc = gw_channels_load (self, text, size, detail, sizeof (detail));
         if (rc)
-            s_fail (error, error_size, "%s: %s", path, detail);
+            gw_fail (error, error_size, "%s: %s", path, detail);
     }
     OPENSSL_cleanse (text, size < FILE_MAX ? size : FILE_MAX);
     free (text);
@@ -658,7 +633,7 @@ gw_channels_add_default (gw_channels_t *self, const char *base_url, const char *
 {
     assert (self);
     if (!base_url || !s_url_valid (base_url, strlen (base_url)))
-        return s_fail (error, error_size,
+        return gw_fail (error, error_size,
             "TARGET_API_URL: must be an http:// or https:// URL without spaces");
     s_channel_t *ch = s_channel_new ();
     ch->id = strdup ("default");
@@ -684,7 +659,7 @@ gw_channels_add_default (gw_channels_t *self, const char *base_url, const char *
         while (stop > p && isspace ((unsigned char)stop[-1]))
             stop--;
         if (stop > p)
-            ch->keys[ch->key_count++] = s_strndup (p, (size_t)(stop - p));
+            ch->keys[ch->key_count++] = gw_strndup (p, (size_t)(stop - p));
         p = comma ? comma + 1 : end;
     }
     if (!models || !*models)
@@ -704,11 +679,11 @@ gw_channels_add_default (gw_channels_t *self, const char *base_url, const char *
             else if (stop > p) {
                 if (!gw_channels_name_valid (p, (size_t)(stop - p))) {
                     s_channel_destroy (&ch);
-                    return s_fail (error, error_size,
+                    return gw_fail (error, error_size,
                         "AIGW_TARGET_MODELS: invalid model name \"%.*s\"",
                         (int)(stop - p > 40 ? 40 : stop - p), p);
                 }
-                char *name = s_strndup (p, (size_t)(stop - p));
+                char *name = gw_strndup (p, (size_t)(stop - p));
                 zhashx_insert (ch->models, name, s_present);
                 free (name);
             }

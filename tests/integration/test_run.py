@@ -33,6 +33,23 @@ def _children(pid: int) -> List[int]:
     return found
 
 
+def _comm(pid: int) -> str:
+    """The program name of pid, or "" if it has already gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def _get(port: int, path: str) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
     try:
@@ -71,14 +88,13 @@ def test_run_starts_serves_restarts_and_stops(make_mock, tmp_path: Path) -> None
         for name in ("broker", "edge", "auth", "router", "bridge"):
             assert f"[{name}] " in text, f"no [{name}] lines in:\n{text[-2000:]}"
         # A crashed stage is restarted and the gateway serves again.
-        bridge = [p for p in _children(run.pid)
-                  if (Path(f"/proc/{p}/comm").read_text().strip() == "aigw-bridge")]
+        bridge = [p for p in _children(run.pid) if _comm(p) == "aigw-bridge"]
         assert len(bridge) == 1, bridge
         os.kill(bridge[0], signal.SIGKILL)
         wait_for(lambda: "bridge exited" in (tmp_path / "run.log").read_text(), 5,
                  "the launcher to notice the crash")
-        wait_for(lambda: any(Path(f"/proc/{p}/comm").read_text().strip() == "aigw-bridge"
-                             and p != bridge[0] for p in _children(run.pid)), 10,
+        wait_for(lambda: any(_comm(p) == "aigw-bridge" and p != bridge[0]
+                             for p in _children(run.pid)), 10,
                  "the bridge to be restarted")
         wait_for(lambda: _get(port, "/health/ready") == 200, 10, "ready again")
         # Ctrl-C stops everything.
@@ -87,10 +103,8 @@ def test_run_starts_serves_restarts_and_stops(make_mock, tmp_path: Path) -> None
         os.killpg(run.pid, signal.SIGINT)
         run.wait(timeout=15)
         time.sleep(0.2)
-        alive = [k for k in kids if Path(f"/proc/{k}").exists()
-                 and "Z" not in Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0]]
-        assert alive == [], "processes left after Ctrl-C: " + ", ".join(
-            Path(f"/proc/{k}/cmdline").read_text().replace("\0", " ") for k in alive)
+        alive = [f"{k} {_comm(k)}" for k in kids if _running(k)]
+        assert alive == [], f"processes left after Ctrl-C: {alive}"
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
