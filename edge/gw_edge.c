@@ -323,30 +323,6 @@ s_error_json (msgpack_sbuffer *out, const char *message, size_t message_size,
     s_add (out, "}}");
 }
 
-//  msgpack error object for FINALs made by the I/O actor.
-static zframe_t *
-s_error_msgpack (const char *type, const char *code, const char *message)
-{
-    msgpack_sbuffer sbuf;
-    msgpack_sbuffer_init (&sbuf);
-    msgpack_packer pk;
-    msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
-    msgpack_pack_map (&pk, 1);
-    gw_mpack_str (&pk, "error");
-    msgpack_pack_map (&pk, 4);
-    gw_mpack_str (&pk, "message");
-    gw_mpack_str (&pk, message);
-    gw_mpack_str (&pk, "type");
-    gw_mpack_str (&pk, type);
-    gw_mpack_str (&pk, "param");
-    msgpack_pack_nil (&pk);
-    gw_mpack_str (&pk, "code");
-    gw_mpack_str (&pk, code);
-    zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
-    msgpack_sbuffer_destroy (&sbuf);
-    return frame;
-}
-
 //  Rebuild a stage's msgpack error body as the OpenAI error object JSON.
 //  Takes message, type, param and code from {"error":{...}} when present;
 //  anything missing or malformed is synthesized from the status.
@@ -1113,7 +1089,65 @@ struct s_route_t {
     const char *method;  //  the one method allowed
     const char *op;  //  ann.op, NULL for local routes
     s_handler_fn *handler;
+    bool local;  //  a /local/ route: ann.scope "local", models are local/<name>
 };
+
+//  Send one request down the slip (envelope per proto/STAGES.md: ann.op op,
+//  and model, ann.scope, ann.action when not NULL), wait for its FINAL and
+//  answer. Takes ownership of *body_p.
+static void
+s_dispatch (s_req_t *req, const char *op, const char *model, bool stream,
+    bool include_usage, const char *scope, const char *action, zframe_t **body_p)
+{
+    gw_edge_t *edge = req->edge;
+    uint64_t deadline = (uint64_t)(gw_time_ms () + edge->deadline_ms);
+    char trace[33];
+    s_trace_id (mg_get_header (req->conn, "traceparent"), trace);
+
+    gw_envelope_t *env = gw_envelope_new ();
+    gw_envelope_set_rid (env, req->rid);
+    for (size_t i = 0; i < edge->slip_size; i++)
+        gw_envelope_slip_append (env, edge->slip[i]);
+    gw_envelope_set_cursor (env, 0);
+    gw_envelope_set_deadline (env, deadline);
+    gw_envelope_set_stream (env, stream);
+    if (model && *model)
+        gw_envelope_set_model (env, model);
+    gw_envelope_set_trace (env, trace);
+    gw_envelope_set_ann_str (env, "op", op);
+    if (scope)
+        gw_envelope_set_ann_str (env, "scope", scope);
+    if (action)
+        gw_envelope_set_ann_str (env, "action", action);
+    const char *credential = NULL;
+    const char *authorization = mg_get_header (req->conn, "Authorization");
+    if (authorization && strncasecmp (authorization, "Bearer ", 7) == 0) {
+        credential = authorization + 7;
+        while (*credential == ' ')
+            credential++;
+    }
+    if (!credential || !*credential)
+        credential = mg_get_header (req->conn, "x-api-key");
+    if (credential && *credential)
+        gw_envelope_set_ann_str (env, "credential", credential);
+    gw_envelope_set_ann_str (env, "ip", req->ri->remote_addr);
+    gw_envelope_set_ann_str (env, "path", req->ri->local_uri ? req->ri->local_uri : "");
+    if (include_usage)
+        gw_envelope_set_ann_raw (env, "include_usage", "\xc3", 1);
+    zframe_t *envelope = gw_envelope_encode (env);
+    gw_envelope_destroy (&env);
+
+    gw_msg_t *request = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (request, req->rid);
+    gw_msg_set_service (request, edge->slip[0]);
+    gw_msg_set_deadline (request, deadline);
+    gw_msg_set_window (request, stream ? edge->window : 0);
+    gw_msg_set_flags (request, stream ? GW_REQUEST_STREAM : 0);
+    gw_msg_set_envelope (request, &envelope);
+    gw_msg_set_body (request, body_p);
+    if (s_exchange (req, &request, stream) == 0)
+        s_finish (req);
+}
 
 static void
 s_handle_api (s_req_t *req, const s_route_t *route)
@@ -1147,49 +1181,16 @@ s_handle_api (s_req_t *req, const s_route_t *route)
     else
         body = zframe_new ("\x80", 1);  //  empty map
 
-    uint64_t deadline = (uint64_t)(gw_time_ms () + edge->deadline_ms);
-    char trace[33];
-    s_trace_id (mg_get_header (req->conn, "traceparent"), trace);
-
-    gw_envelope_t *env = gw_envelope_new ();
-    gw_envelope_set_rid (env, req->rid);
-    for (size_t i = 0; i < edge->slip_size; i++)
-        gw_envelope_slip_append (env, edge->slip[i]);
-    gw_envelope_set_cursor (env, 0);
-    gw_envelope_set_deadline (env, deadline);
-    gw_envelope_set_stream (env, fields.stream);
-    if (*fields.model)
-        gw_envelope_set_model (env, fields.model);
-    gw_envelope_set_trace (env, trace);
-    gw_envelope_set_ann_str (env, "op", route->op);
-    const char *credential = NULL;
-    const char *authorization = mg_get_header (req->conn, "Authorization");
-    if (authorization && strncasecmp (authorization, "Bearer ", 7) == 0) {
-        credential = authorization + 7;
-        while (*credential == ' ')
-            credential++;
-    }
-    if (!credential || !*credential)
-        credential = mg_get_header (req->conn, "x-api-key");
-    if (credential && *credential)
-        gw_envelope_set_ann_str (env, "credential", credential);
-    gw_envelope_set_ann_str (env, "ip", req->ri->remote_addr);
-    gw_envelope_set_ann_str (env, "path", route->path);
-    if (fields.include_usage)
-        gw_envelope_set_ann_raw (env, "include_usage", "\xc3", 1);
-    zframe_t *envelope = gw_envelope_encode (env);
-    gw_envelope_destroy (&env);
-
-    gw_msg_t *request = gw_msg_new (GW_MSG_REQUEST);
-    gw_msg_set_rid (request, req->rid);
-    gw_msg_set_service (request, edge->slip[0]);
-    gw_msg_set_deadline (request, deadline);
-    gw_msg_set_window (request, fields.stream ? edge->window : 0);
-    gw_msg_set_flags (request, fields.stream ? GW_REQUEST_STREAM : 0);
-    gw_msg_set_envelope (request, &envelope);
-    gw_msg_set_body (request, &body);
-    if (s_exchange (req, &request, fields.stream) == 0)
-        s_finish (req);
+    //  On a /local/ route every model is a local model: "tiny" is
+    //  "local/tiny" for the stages behind (limits, routing, billing).
+    char model[EDGE_MODEL_MAX + sizeof ("local/")];
+    snprintf (model, sizeof (model), "%s%s",
+        route->local && *fields.model && strncmp (fields.model, "local/", 6) != 0
+            ? "local/"
+            : "",
+        fields.model);
+    s_dispatch (req, route->op, model, fields.stream, fields.include_usage,
+        route->local ? "local" : NULL, NULL, &body);
 }
 
 static void
@@ -1296,13 +1297,204 @@ s_handle_ready (s_req_t *req, const s_route_t *route)
     s_respond (req, 503, "application/json", json->data, json->size);
 }
 
+//  Model management (proto/STAGES.md §7.2): /api/local/models[/{id}/action]
+//  goes down the slip as ann.op "admin" with ann.action, and the router
+//  passes it to the model.admin service; the body is {action, model, ...}.
+
+#define EDGE_ADMIN_PREFIX "/api/local/models/"
+#define EDGE_ID_MAX 100  //  longest model id (python/aigw_models/catalog.py)
+
+//  The management actions on /api/local/models/{id}/<action>.
+static const struct {
+    const char *action;  //  path segment and action name
+    const char *method;  //  the one method allowed
+} s_admin_actions[] = {
+    {"status", "GET"},
+    {"start", "POST"},
+    {"stop", "POST"},
+    {"download", "POST"},
+    {"settings", "PUT"},
+};
+
+//  True if id is a model id: 1..EDGE_ID_MAX of [A-Za-z0-9._:-], not
+//  starting with a dot and without "..", so "model.<id>" is a service name
+//  and "MODEL_PATH/<id>" a plain folder.
+static bool
+s_model_id_valid (const char *id, size_t size)
+{
+    if (size < 1 || size > EDGE_ID_MAX || id[0] == '.')
+        return false;
+    for (size_t i = 0; i < size; i++) {
+        char c = id[i];
+        if (!(isalnum ((unsigned char)c) || c == '.' || c == '_' || c == ':' || c == '-'))
+            return false;
+        if (c == '.' && i + 1 < size && id[i + 1] == '.')
+            return false;
+    }
+    return true;
+}
+
+//  Answer an admin request: action on model id (NULL for list). With
+//  with_body, the JSON body (an object) is read and merged: download takes
+//  its fields (url, name, sha256 or files), settings takes it whole as
+//  "settings" (no body = read the settings).
+static void
+s_admin (s_req_t *req, const char *action, const char *id)
+{
+    s_thread_t *thread = req->thread;
+    bool reads =
+        streq (req->ri->request_method, "POST") || streq (req->ri->request_method, "PUT");
+    const char *data = NULL;
+    size_t data_size = 0;
+    if (reads) {
+        size_t size;
+        if (s_read_body (req, &size))
+            return;
+        bool merge = streq (action, "download") || streq (action, "settings");
+        if (merge && size) {
+            msgpack_sbuffer *pack = &thread->pack;
+            msgpack_sbuffer_clear (pack);
+            msgpack_packer pk;
+            msgpack_packer_init (&pk, pack, msgpack_sbuffer_write);
+            gw_json_limits_t limits = gw_json_limits_default ();
+            limits.max_size = req->edge->body_max;
+            gw_json_error_t error;
+            if (gw_json_to_msgpack (thread->body, size, &pk, &limits, &error)) {
+                s_error (req, 400, "invalid_request_error", NULL, "invalid_json",
+                    "invalid JSON body: %s at byte %zu", error.message, error.offset);
+                return;
+            }
+            gw_mreader_t reader;
+            gw_mvalue_t value;
+            gw_mreader_init (&reader, pack->data, pack->size);
+            if (gw_mreader_next (&reader, &value) || value.type != GW_MP_MAP) {
+                s_error (req, 400, "invalid_request_error", NULL, "invalid_type",
+                    "the request body must be a JSON object");
+                return;
+            }
+            data = pack->data;
+            data_size = pack->size;
+        }
+    }
+    msgpack_sbuffer *out = &thread->out;
+    msgpack_sbuffer_clear (out);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, out, msgpack_sbuffer_write);
+    if (data && streq (action, "download")) {
+        //  {action, model} + the body's other pairs, copied as they are.
+        gw_mreader_t reader;
+        gw_mvalue_t value, key;
+        gw_mreader_init (&reader, data, data_size);
+        gw_mreader_next (&reader, &value);
+        uint32_t pairs = value.v.count, kept = 0;
+        gw_mreader_t scan = reader;
+        for (uint32_t i = 0; i < pairs; i++) {
+            if (gw_mreader_next (&scan, &key) ||
+                gw_mreader_skip (&scan, GW_ENVELOPE_DEPTH_MAX * 4)) {
+                s_error (req, 400, "invalid_request_error", NULL, "invalid_json",
+                    "the request body is nested too deeply");
+                return;
+            }
+            kept += !(key.type == GW_MP_STR &&
+                (gw_mvalue_streq (&key, "action") || gw_mvalue_streq (&key, "model")));
+        }
+        msgpack_pack_map (&pk, 2 + kept);
+        gw_mpack_str (&pk, "action");
+        gw_mpack_str (&pk, action);
+        gw_mpack_str (&pk, "model");
+        gw_mpack_str (&pk, id);
+        for (uint32_t i = 0; i < pairs; i++) {
+            const uint8_t *start = reader.pos;
+            gw_mreader_next (&reader, &key);
+            gw_mreader_skip (&reader, GW_ENVELOPE_DEPTH_MAX * 4);
+            if (!(key.type == GW_MP_STR &&
+                    (gw_mvalue_streq (&key, "action") ||
+                        gw_mvalue_streq (&key, "model"))))
+                msgpack_sbuffer_write (out, (const char *)start, reader.pos - start);
+        }
+    }
+    else {
+        bool settings = data && streq (action, "settings");
+        msgpack_pack_map (&pk, (id ? 2 : 1) + (settings ? 1 : 0));
+        gw_mpack_str (&pk, "action");
+        gw_mpack_str (&pk, action);
+        if (id) {
+            gw_mpack_str (&pk, "model");
+            gw_mpack_str (&pk, id);
+        }
+        if (settings) {
+            gw_mpack_str (&pk, "settings");
+            msgpack_sbuffer_write (out, data, data_size);
+        }
+    }
+    zframe_t *body = zframe_new (out->data, out->size);
+    char model[EDGE_ID_MAX + sizeof ("local/")];
+    if (id)
+        snprintf (model, sizeof (model), "local/%s", id);
+    s_dispatch (req, "admin", id ? model : NULL, false, false, NULL, action, &body);
+}
+
+//  GET /api/local/models: the management list.
+static void
+s_handle_admin_list (s_req_t *req, const s_route_t *route)
+{
+    s_admin (req, "list", NULL);
+}
+
+//  /api/local/models/{id}/<action>. Returns false if path is not one of
+//  them (the caller answers 404), true once answered (400 for a bad id,
+//  405 for a wrong method, or the management reply).
+static bool
+s_admin_route (s_req_t *req, const char *method, const char *path)
+{
+    size_t prefix = strlen (EDGE_ADMIN_PREFIX);
+    if (strncmp (path, EDGE_ADMIN_PREFIX, prefix) != 0)
+        return false;
+    const char *id = path + prefix;
+    const char *slash = strchr (id, '/');
+    if (!slash || strchr (slash + 1, '/'))
+        return false;
+    const char *action = slash + 1;
+    for (size_t i = 0; i < sizeof (s_admin_actions) / sizeof (s_admin_actions[0]); i++) {
+        if (!streq (s_admin_actions[i].action, action))
+            continue;
+        const char *allowed = s_admin_actions[i].method;
+        if (!streq (allowed, method)) {
+            s_addf (&req->thread->extra, "Allow: %s, OPTIONS\r\n", allowed);
+            s_error (req, 405, "invalid_request_error", NULL, "method_not_allowed",
+                "method %s is not allowed for %s (use %s)", method, path, allowed);
+            return true;
+        }
+        size_t size = (size_t)(slash - id);
+        if (!s_model_id_valid (id, size)) {
+            s_error (req, 400, "invalid_request_error", "id", "invalid_model_id",
+                "the model id in the path must be 1 to %d characters of A-Z a-z 0-9 . _ "
+                ": "
+                "- (not starting with a dot, no \"..\")",
+                EDGE_ID_MAX);
+            return true;
+        }
+        char text[EDGE_ID_MAX + 1];
+        memcpy (text, id, size);
+        text[size] = 0;
+        s_admin (req, action, text);
+        return true;
+    }
+    return false;
+}
+
 static const s_route_t s_routes[] = {
-    {"/v1/chat/completions", "POST", "chat", s_handle_api},
-    {"/v1/completions", "POST", "completions", s_handle_api},
-    {"/v1/embeddings", "POST", "embeddings", s_handle_api},
-    {"/v1/models", "GET", "models", s_handle_api},
-    {"/health", "GET", NULL, s_handle_health},
-    {"/health/ready", "GET", NULL, s_handle_ready},
+    {"/v1/chat/completions", "POST", "chat", s_handle_api, false},
+    {"/v1/completions", "POST", "completions", s_handle_api, false},
+    {"/v1/embeddings", "POST", "embeddings", s_handle_api, false},
+    {"/v1/models", "GET", "models", s_handle_api, false},
+    {"/local/chat/completions", "POST", "chat", s_handle_api, true},
+    {"/local/completions", "POST", "completions", s_handle_api, true},
+    {"/local/embeddings", "POST", "embeddings", s_handle_api, true},
+    {"/local/models", "GET", "models", s_handle_api, true},
+    {"/api/local/models", "GET", "admin", s_handle_admin_list, false},
+    {"/health", "GET", NULL, s_handle_health, false},
+    {"/health/ready", "GET", NULL, s_handle_ready, false},
 };
 
 static void
@@ -1311,7 +1503,7 @@ s_preflight (s_req_t *req)
     msgpack_sbuffer *extra = &req->thread->extra;
     extra->size = 0;
     s_add (extra,
-        "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\n"
+        "Access-Control-Allow-Methods: GET, POST, PUT, OPTIONS\r\n"
         "Access-Control-Allow-Headers: Authorization, Content-Type, x-api-key, "
         "X-Request-Id, traceparent, tracestate");
     //  Also allow what the browser asks for (SDKs send their own headers),
@@ -1345,6 +1537,8 @@ s_route (s_req_t *req)
     for (size_t i = 0; i < sizeof (s_routes) / sizeof (s_routes[0]); i++)
         if (streq (s_routes[i].path, path) && streq (s_routes[i].method, method))
             reads_body = streq (method, "POST");
+    if (strncmp (path, EDGE_ADMIN_PREFIX, strlen (EDGE_ADMIN_PREFIX)) == 0)
+        reads_body = streq (method, "POST") || streq (method, "PUT");
     if (has_body && !reads_body)
         s_close_after (req);
     if (streq (method, "OPTIONS")) {
@@ -1364,6 +1558,8 @@ s_route (s_req_t *req)
             "method %s is not allowed for %s (use %s)", method, path, route->method);
         return;
     }
+    if (s_admin_route (req, method, path))
+        return;
     s_error (req, 404, "invalid_request_error", NULL, "unknown_url",
         "Invalid URL (%s %s)", method, path);
 }
@@ -1479,22 +1675,6 @@ s_exit_thread (const struct mg_context *ctx, int thread_type, void *pointer)
 //  --------------------------------------------------------------------------
 //  The I/O actor: owns the gw_client session
 
-static size_t
-s_rid_hash (const void *key)
-{
-    uint64_t a, b;
-    memcpy (&a, key, 8);
-    memcpy (&b, (const uint8_t *)key + 8, 8);
-    uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ULL)) * 0xBF58476D1CE4E5B9ULL;
-    return (size_t)(h ^ (h >> 31));
-}
-
-static int
-s_rid_compare (const void *a, const void *b)
-{
-    return memcmp (a, b, 16);
-}
-
 static void
 s_flight_free (void **item_p)
 {
@@ -1515,7 +1695,7 @@ s_io_reply (zsock_t *router, zframe_t *handler, const uint8_t rid[16], uint16_t 
     gw_msg_set_routing_id (final, handler);
     gw_msg_set_rid (final, rid);
     gw_msg_set_status (final, status);
-    zframe_t *body = s_error_msgpack (type, code, message);
+    zframe_t *body = gw_msg_error_body (type, code, message);
     gw_msg_set_body (final, &body);
     gw_msg_send (final, router);
     gw_msg_destroy (&final);
@@ -1538,13 +1718,7 @@ s_io_actor (zsock_t *pipe, void *args)
     gw_client_t *client = gw_client_new (edge->bus);
     assert (client);  //  the endpoint was checked when configured
     gw_client_set_body_max (client, EDGE_RESPONSE_MAX);
-    zhashx_t *flights = zhashx_new ();
-    assert (flights);
-    zhashx_set_key_hasher (flights, s_rid_hash);
-    zhashx_set_key_comparator (flights, s_rid_compare);
-    zhashx_set_key_duplicator (flights, NULL);
-    zhashx_set_key_destructor (flights, NULL);
-    zhashx_set_destructor (flights, s_flight_free);
+    zhashx_t *flights = gw_rid_map_new (s_flight_free);
     size_t request_max = edge->body_max * 3 + 1024 * 1024;  //  msgpack may outgrow JSON
     gw_msg_t *in = NULL;
     zsock_signal (pipe, 0);
@@ -1988,7 +2162,7 @@ s_fake_handle (gw_worker_t *worker, gw_msg_t *request)
     else if (streq (model, "err429")) {
         zframe_t *envelope = s_test_envelope (NULL, NULL, 7, true);
         zframe_t *body =
-            s_error_msgpack ("rate_limit_error", "rate_limit_exceeded", "slow down");
+            gw_msg_error_body ("rate_limit_error", "rate_limit_exceeded", "slow down");
         gw_worker_final (worker, rid, 429, &envelope, &body);
     }
     else if (streq (model, "garbage")) {

@@ -5,7 +5,11 @@
 //  FINAL back into HTTP: JSON, SSE chunks, or an OpenAI error object.
 //
 //  Routes: POST /v1/chat/completions, POST /v1/completions,
-//  POST /v1/embeddings, GET /v1/models, GET /health, GET /health/ready,
+//  POST /v1/embeddings, GET /v1/models; the local-model routes
+//  POST /local/chat/completions, /local/completions, /local/embeddings,
+//  GET /local/models; model management GET /api/local/models and
+//  /api/local/models/{id}/status (GET), start, stop, download (POST),
+//  settings (PUT) (proto/STAGES.md §7.3); GET /health, GET /health/ready,
 //  OPTIONS (CORS preflight) on any path.
 //
 //  Configuration comes from the environment when the object is created

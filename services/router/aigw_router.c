@@ -6,6 +6,7 @@
 //
 //  Environment: AIGW_BUS, AIGW_CHANNELS_FILE, TARGET_API_URL, TARGET_API_KEY,
 //  AIGW_TARGET_MODELS, AIGW_MODELS_REFRESH_S, AIGW_LOCAL_MODELS,
+//  AIGW_LOCAL_ADMIN_GROUPS,
 //  AIGW_ROUTER_CAPACITY, LOG_LEVEL, LOG_FORMAT (docs/ROUTING.md).
 
 #include "aigw.h"
@@ -75,6 +76,9 @@ main (int argc, char *argv[])
     zsock_wait (actor);
     zstr_sendx (actor, "CONFIGURE", "local_models",
         streq (gw_env ("AIGW_LOCAL_MODELS", "0"), "1") ? "1" : "0", NULL);
+    zsock_wait (actor);
+    zstr_sendx (actor, "CONFIGURE", "local_admin_groups",
+        gw_env ("AIGW_LOCAL_ADMIN_GROUPS", ""), NULL);
     zsock_wait (actor);
     zstr_sendx (actor, "CONNECT", bus, NULL);
     if (zsock_wait (actor) != 0) {

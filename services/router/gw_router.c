@@ -65,21 +65,6 @@ s_fetch_progress (void *userdata, curl_off_t dltotal, curl_off_t dlnow,
     return fetch->abort && (zsock_events (fetch->abort) & ZMQ_POLLIN) ? 1 : 0;
 }
 
-static int s_fail (char *error, size_t error_size, const char *format, ...)
-    __attribute__ ((format (printf, 3, 4)));
-
-static int
-s_fail (char *error, size_t error_size, const char *format, ...)
-{
-    if (error && error_size) {
-        va_list args;
-        va_start (args, format);
-        vsnprintf (error, error_size, format, args);
-        va_end (args);
-    }
-    return -1;
-}
-
 //  Parse an OpenAI list object's data[].id into names.
 static int
 s_parse_model_list (
@@ -95,7 +80,7 @@ s_parse_model_list (
     gw_json_error_t jerror;
     int rc = -1;
     if (gw_json_to_msgpack (json, size, &pk, &limits, &jerror)) {
-        s_fail (error, error_size, "body is not JSON (byte %zu: %s)", jerror.offset,
+        gw_fail (error, error_size, "body is not JSON (byte %zu: %s)", jerror.offset,
             jerror.message);
         goto done;
     }
@@ -106,7 +91,7 @@ s_parse_model_list (
     if (gw_mreader_next (&peek, &value) || value.type != GW_MP_MAP ||
         gw_mreader_find (&reader, "data") != 0 || gw_mreader_next (&reader, &value) ||
         value.type != GW_MP_ARRAY) {
-        s_fail (
+        gw_fail (
             error, error_size, "body is not an OpenAI list object (no \"data\" array)");
         goto done;
     }
@@ -138,7 +123,7 @@ s_parse_model_list (
     rc = 0;
     goto done;
 malformed:
-    s_fail (error, error_size, "malformed model list");
+    gw_fail (error, error_size, "malformed model list");
 done:
     msgpack_sbuffer_destroy (&sbuf);
     return rc;
@@ -152,7 +137,7 @@ gw_router_fetch_models (const char *base_url, const char *key, int timeout_ms,
     assert (names);
     CURL *curl = curl_easy_init ();
     if (!curl)
-        return s_fail (error, error_size, "curl_easy_init failed");
+        return gw_fail (error, error_size, "curl_easy_init failed");
     char *url = zsys_sprintf ("%s/models", base_url);
     char *auth = key && *key ? zsys_sprintf ("Authorization: Bearer %s", key) : NULL;
     struct curl_slist *headers = curl_slist_append (NULL, "Accept: application/json");
@@ -177,18 +162,18 @@ gw_router_fetch_models (const char *base_url, const char *key, int timeout_ms,
     curl_easy_getinfo (curl, CURLINFO_RESPONSE_CODE, &status);
     int rc = -1;
     if (fetch.too_big)
-        s_fail (
+        gw_fail (
             error, error_size, "GET %s: body larger than %d bytes", url, FETCH_BODY_MAX);
     else if (code != CURLE_OK)
-        s_fail (error, error_size, "GET %s: %s", url, curl_easy_strerror (code));
+        gw_fail (error, error_size, "GET %s: %s", url, curl_easy_strerror (code));
     else if (status != 200)
-        s_fail (error, error_size, "GET %s: HTTP status %ld", url, status);
+        gw_fail (error, error_size, "GET %s: HTTP status %ld", url, status);
     else {
         char detail[256];
         rc = s_parse_model_list (
             fetch.data ? fetch.data : "", fetch.size, names, detail, sizeof (detail));
         if (rc)
-            s_fail (error, error_size, "GET %s: %s", url, detail);
+            gw_fail (error, error_size, "GET %s: %s", url, detail);
     }
     free (fetch.data);
     curl_slist_free_all (headers);
@@ -300,27 +285,19 @@ typedef struct {
     int refresh_s;  //  discovery period, seconds
     uint32_t capacity;  //  READY capacity
     bool local_models;  //  route local/<name> to model.<name>
+    char *local_admin;  //  groups allowed to manage local models (csv), NULL = any
+    gw_client_t *bus;  //  gw.services session, NULL unless local_models
+    zhashx_t *local;  //  served local model names (of model.<name> services)
+    zlistx_t *parked;  //  gw_msg_t * for models not in local, awaiting a refresh
+    int64_t local_next;  //  mono ms of the next gw.services query
+    uint8_t local_rid[16];  //  rid of the query in flight
+    bool local_asking;  //  a query is in flight
+    bool local_known;  //  local came from a successful query
     bool verbose;  //  log decisions
     bool terminated;  //  $TERM received
 } s_router_t;
 
 //  Copy text into out (out_size > 4), cut at a UTF-8 boundary.
-static const char *
-s_clip (const char *text, char *out, size_t out_size)
-{
-    size_t size = strlen (text);
-    if (size >= out_size) {
-        size = out_size - 4;
-        while (size > 0 && ((unsigned char)text[size] & 0xC0) == 0x80)
-            size--;
-        memcpy (out, text, size);
-        strcpy (out + size, "...");
-    }
-    else
-        memcpy (out, text, size + 1);
-    return out;
-}
-
 static void
 s_start_discovery (s_router_t *self)
 {
@@ -379,14 +356,174 @@ s_on_discovery (s_router_t *self)
     zmsg_destroy (&msg);
 }
 
-static void
-s_answer_models (s_router_t *self, gw_msg_t *request)
+//  --------------------------------------------------------------------------
+//  Local models (issue 5, proto/STAGES.md §7). With local_models on, the
+//  router learns which local models are served from the broker's
+//  gw.services (services "model.<name>", except the management services
+//  "model.admin" and "model.admin.*") every LOCAL_REFRESH_MS, over its own
+//  client session driven by the actor's poll loop, so it never blocks. The
+//  list feeds GET /v1/models ("local/<name>", owned_by "local") and GET
+//  /local/models ("<name>"), and decides requests: a served model is
+//  forwarded to model.<name>; a name not in the list is parked until a
+//  fresh answer (asked at once, at most LOCAL_QUERY_MS), then forwarded or
+//  refused with 404 — so a model started a moment ago is found, and a
+//  wrong name gets a 404 in milliseconds rather than the broker's 503 after
+//  its grace. While the broker does not answer the query, requests are
+//  forwarded unchecked (the broker answers 503 when nothing serves them).
+
+#define LOCAL_REFRESH_MS 2000  //  gw.services period
+#define LOCAL_QUERY_MS 1000  //  deadline of one query
+#define LOCAL_PARKED_MAX 1024  //  requests waiting for a refresh
+#define LOCAL_ADMIN "model.admin"  //  the management service
+
+//  True if name (after "model.") names a model, not a management service.
+static bool
+s_local_is_model (const char *name, size_t size)
 {
+    if (size == 0 || (size == 5 && memcmp (name, "admin", 5) == 0))
+        return false;
+    return !(size > 6 && memcmp (name, "admin.", 6) == 0);
+}
+
+//  Replace the served list from a gw.services body. Returns 0, or -1 if the
+//  body is malformed (the list is unchanged then).
+static int
+s_local_parse (s_router_t *self, const void *data, size_t size)
+{
+    gw_mreader_t reader;
+    gw_mvalue_t value;
+    gw_mreader_init (&reader, data, size);
+    if (gw_mreader_find (&reader, "services") || gw_mreader_next (&reader, &value) ||
+        value.type != GW_MP_ARRAY)
+        return -1;
+    zhashx_t *names = zhashx_new ();
+    assert (names);
+    uint32_t count = value.v.count;
+    for (uint32_t i = 0; i < count; i++) {
+        if (gw_mreader_next (&reader, &value) || value.type != GW_MP_MAP)
+            goto malformed;
+        uint32_t pairs = value.v.count;
+        gw_mvalue_t name = {0};
+        uint64_t workers = 0;
+        for (uint32_t j = 0; j < pairs; j++) {
+            gw_mvalue_t key;
+            if (gw_mreader_next (&reader, &key) || key.type != GW_MP_STR)
+                goto malformed;
+            if (gw_mvalue_streq (&key, "name") || gw_mvalue_streq (&key, "workers")) {
+                if (gw_mreader_next (&reader, &value))
+                    goto malformed;
+                if (gw_mvalue_streq (&key, "name") && value.type == GW_MP_STR)
+                    name = value;
+                else if (gw_mvalue_streq (&key, "workers") && value.type == GW_MP_UINT)
+                    workers = value.v.u;
+            }
+            else if (gw_mreader_skip (&reader, GW_ENVELOPE_DEPTH_MAX))
+                goto malformed;
+        }
+        if (name.type == GW_MP_STR && workers > 0 && name.size > 6 &&
+            name.size <= GW_SERVICE_MAX && memcmp (name.ptr, "model.", 6) == 0 &&
+            s_local_is_model (name.ptr + 6, name.size - 6) &&
+            gw_msg_service_valid (name.ptr, name.size)) {
+            char text[GW_SERVICE_MAX + 1];
+            memcpy (text, name.ptr + 6, name.size - 6);
+            text[name.size - 6] = 0;
+            zhashx_update (names, text, (void *)"");
+        }
+    }
+    zhashx_destroy (&self->local);
+    self->local = names;
+    return 0;
+malformed:
+    zhashx_destroy (&names);
+    return -1;
+}
+
+//  Repack the model list in self->sbuf (count channel models, or nothing
+//  when local_only) with the served local models appended, sorted, as
+//  "local/<name>" (or "<name>" when local_only), filtered by allow (which
+//  names them "local/<name>"). Returns the new count.
+static size_t
+s_local_models (s_router_t *self, const char *allow, bool local_only, size_t count)
+{
+    zlistx_t *names = zhashx_keys (self->local);
+    assert (names);
+    zlistx_set_comparator (names, (zlistx_comparator_fn *)strcmp);
+    zlistx_sort (names);
+    char full[GW_SERVICE_MAX + 8];
+    size_t added = 0;
+    for (char *name = (char *)zlistx_first (names); name;
+         name = (char *)zlistx_next (names)) {
+        snprintf (full, sizeof (full), LOCAL_PREFIX "%s", name);
+        added += !(allow && *allow) || gw_channels_csv_has (allow, full);
+    }
+    //  The channel models already packed: the elements of "data", which
+    //  is the last key of the list object.
+    char *old = NULL;
+    size_t old_size = 0;
+    if (!local_only && count) {
+        gw_mreader_t reader;
+        gw_mvalue_t value;
+        gw_mreader_init (&reader, self->sbuf.data, self->sbuf.size);
+        if (gw_mreader_find (&reader, "data") == 0 &&
+            gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_ARRAY) {
+            old_size = (size_t)(reader.end - reader.pos);
+            old = (char *)malloc (old_size + 1);
+            assert (old);
+            memcpy (old, reader.pos, old_size);
+        }
+        else
+            count = 0;  //  cannot happen: we packed it
+    }
     msgpack_sbuffer_clear (&self->sbuf);
     msgpack_packer pk;
     msgpack_packer_init (&pk, &self->sbuf, msgpack_sbuffer_write);
-    size_t count = gw_channels_models (self->channels,
-        gw_envelope_tenant_str (self->envelope, "models"), self->created, &pk);
+    msgpack_pack_map (&pk, 2);
+    gw_mpack_str (&pk, "object");
+    gw_mpack_str (&pk, "list");
+    gw_mpack_str (&pk, "data");
+    msgpack_pack_array (&pk, count + added);
+    if (old_size)
+        msgpack_sbuffer_write (&self->sbuf, old, old_size);
+    free (old);
+    for (char *name = (char *)zlistx_first (names); name;
+         name = (char *)zlistx_next (names)) {
+        snprintf (full, sizeof (full), LOCAL_PREFIX "%s", name);
+        if (allow && *allow && !gw_channels_csv_has (allow, full))
+            continue;
+        msgpack_pack_map (&pk, 4);
+        gw_mpack_str (&pk, "id");
+        gw_mpack_str (&pk, local_only ? name : full);
+        gw_mpack_str (&pk, "object");
+        gw_mpack_str (&pk, "model");
+        gw_mpack_str (&pk, "created");
+        msgpack_pack_int64 (&pk, self->created);
+        gw_mpack_str (&pk, "owned_by");
+        gw_mpack_str (&pk, "local");
+    }
+    zlistx_destroy (&names);
+    return count + added;
+}
+
+static void
+s_answer_models (s_router_t *self, gw_msg_t *request)
+{
+    const char *allow = gw_envelope_tenant_str (self->envelope, "models");
+    const char *scope = gw_envelope_ann_str (self->envelope, "scope");
+    bool local_only = scope && streq (scope, "local");
+    if (local_only && !self->local_models) {
+        gw_worker_error (self->worker, gw_msg_rid (request), 404, "invalid_request_error",
+            "local_models_disabled",
+            "Local models are not enabled on this gateway (AIGW_LOCAL_MODELS=1).");
+        return;
+    }
+    msgpack_sbuffer_clear (&self->sbuf);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &self->sbuf, msgpack_sbuffer_write);
+    size_t count = 0;
+    if (!local_only)
+        count = gw_channels_models (self->channels, allow, self->created, &pk);
+    if (self->local_models)
+        count = s_local_models (self, allow, local_only, count);
     zframe_t *body = zframe_new (self->sbuf.data, self->sbuf.size);
     if (self->verbose)
         gw_debug ("router: model list, %zu model(s)", count);
@@ -410,6 +547,153 @@ s_forward (s_router_t *self, gw_msg_t *request, const char *service)
             "routing_failed", "The gateway could not forward this request.");
 }
 
+static void s_local_ask (s_router_t *self);
+
+//  Route a request for the local model name (the model without "local/").
+//  With may_park, a name not in the served list waits for a fresh one.
+static void
+s_local_route (s_router_t *self, gw_msg_t *request, const char *name, bool may_park)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    char service[GW_SERVICE_MAX + 1];
+    size_t size = strlen (name);
+    int length = snprintf (service, sizeof (service), "model.%s", name);
+    bool valid = length > 6 && length < (int)sizeof (service) &&
+        gw_msg_service_valid (service, (size_t)length) && !strchr (name, '/') &&
+        s_local_is_model (name, size);
+    bool served = valid && zhashx_lookup (self->local, name);
+    if (valid && !served && may_park && self->bus &&
+        zlistx_size (self->parked) < LOCAL_PARKED_MAX) {
+        zlistx_add_end (self->parked, gw_msg_dup (request));
+        if (!self->local_asking)
+            s_local_ask (self);
+        return;
+    }
+    if (valid && (served || !self->local_known)) {
+        if (self->verbose)
+            gw_debug ("router: local/%s -> %s", name, service);
+        s_forward (self, request, service);
+        return;
+    }
+    char shown[208];
+    char message[512];
+    snprintf (message, sizeof (message),
+        "The local model `%s` is not being served (start it with POST "
+        "/api/local/models/{id}/start; GET /api/local/models lists them).",
+        gw_clip (name, shown, sizeof (shown)));
+    gw_worker_error (
+        self->worker, rid, 404, "invalid_request_error", "model_not_found", message);
+}
+
+//  Decide every parked request with the list as it is now.
+static void
+s_local_resolve (s_router_t *self)
+{
+    while (zlistx_first (self->parked)) {
+        gw_msg_t *request = (gw_msg_t *)zlistx_detach_cur (self->parked);
+        const uint8_t *rid = gw_msg_rid (request);
+        zframe_t *frame = gw_msg_envelope (request);
+        if (!gw_worker_cancelled (self->worker, rid) && frame &&
+            gw_envelope_decode (
+                self->envelope, zframe_data (frame), zframe_size (frame)) == 0) {
+            const char *model = gw_envelope_model (self->envelope);
+            if (model && strncmp (model, LOCAL_PREFIX, strlen (LOCAL_PREFIX)) == 0)
+                s_local_route (self, request, model + strlen (LOCAL_PREFIX), false);
+            else
+                gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
+                    "The gateway could not route this request.");
+        }
+        gw_msg_destroy (&request);
+    }
+}
+
+//  Send a gw.services query; if it cannot leave, decide the parked requests.
+static void
+s_local_ask (s_router_t *self)
+{
+    gw_msg_t *request = gw_msg_new (GW_MSG_REQUEST);
+    gw_rid_new (self->local_rid);
+    gw_msg_set_rid (request, self->local_rid);
+    gw_msg_set_service (request, "gw.services");
+    gw_msg_set_deadline (request, (uint64_t)(gw_time_ms () + LOCAL_QUERY_MS));
+    zframe_t *body = zframe_new ("\x80", 1);
+    gw_msg_set_body (request, &body);
+    self->local_asking = gw_client_send (self->bus, &request) == 0;
+    if (!self->local_asking) {
+        self->local_known = false;
+        self->local_next = gw_mono_ms () + LOCAL_REFRESH_MS / 4;
+        s_local_resolve (self);
+    }
+}
+
+//  Take the query's answer, run the client's timers, ask when due.
+static void
+s_local_tick (s_router_t *self)
+{
+    gw_msg_t *msg;
+    while ((msg = gw_client_recv (self->bus))) {
+        if (gw_msg_id (msg) == GW_MSG_FINAL && self->local_asking &&
+            memcmp (gw_msg_rid (msg), self->local_rid, 16) == 0) {
+            zframe_t *body = gw_msg_body (msg);
+            bool ok = gw_msg_status (msg) == 200 && body &&
+                s_local_parse (self, zframe_data (body), zframe_size (body)) == 0;
+            if (!ok && self->local_known)
+                gw_warn ("router: gw.services failed (status %d): local models are "
+                         "forwarded unchecked until it answers",
+                    gw_msg_status (msg));
+            self->local_known = ok;
+            self->local_asking = false;
+            self->local_next = gw_mono_ms () + LOCAL_REFRESH_MS;
+            s_local_resolve (self);
+        }
+        gw_msg_destroy (&msg);
+    }
+    gw_client_tick (self->bus);
+    if (!self->local_asking && gw_mono_ms () >= self->local_next)
+        s_local_ask (self);
+}
+
+//  ann.op "admin": model management, forwarded to model.admin. Reading
+//  (list, status) needs an authenticated key; changing (start, stop,
+//  download, settings) also a group in local_admin when that is set. A key
+//  with a model allow-list manages only the local models on it.
+static void
+s_local_admin (s_router_t *self, gw_msg_t *request)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    if (!self->local_models) {
+        gw_worker_error (self->worker, rid, 404, "invalid_request_error",
+            "local_models_disabled",
+            "Local models are not enabled on this gateway (AIGW_LOCAL_MODELS=1).");
+        return;
+    }
+    const char *model = gw_envelope_model (self->envelope);
+    const char *allow = gw_envelope_tenant_str (self->envelope, "models");
+    const char *action = gw_envelope_ann_str (self->envelope, "action");
+    bool reads = action && (streq (action, "list") || streq (action, "status"));
+    char shown[208];
+    char message[512];
+    if (model && *model && allow && *allow && !gw_channels_csv_has (allow, model)) {
+        snprintf (message, sizeof (message),
+            "This API key does not have access to the model `%s`.",
+            gw_clip (model, shown, sizeof (shown)));
+        gw_worker_error (self->worker, rid, 403, "invalid_request_error",
+            "model_not_allowed", message);
+        return;
+    }
+    const char *group = gw_envelope_tenant_str (self->envelope, "group");
+    if (!reads && self->local_admin &&
+        !(group && gw_channels_csv_has (self->local_admin, group))) {
+        gw_worker_error (self->worker, rid, 403, "permission_error", "permission_denied",
+            "Managing local models needs a key of an admin group "
+            "(AIGW_LOCAL_ADMIN_GROUPS).");
+        return;
+    }
+    if (self->verbose)
+        gw_debug ("router: admin %s -> " LOCAL_ADMIN, action ? action : "?");
+    s_forward (self, request, LOCAL_ADMIN);
+}
+
 static void
 s_handle (s_router_t *self, gw_msg_t *request)
 {
@@ -426,6 +710,10 @@ s_handle (s_router_t *self, gw_msg_t *request)
         s_answer_models (self, request);
         return;
     }
+    if (op && streq (op, "admin")) {
+        s_local_admin (self, request);
+        return;
+    }
     const char *model = gw_envelope_model (self->envelope);
     const char *allow = gw_envelope_tenant_str (self->envelope, "models");
     char shown[208];
@@ -438,23 +726,15 @@ s_handle (s_router_t *self, gw_msg_t *request)
     if (allow && *allow && !gw_channels_csv_has (allow, model)) {
         snprintf (message, sizeof (message),
             "This API key does not have access to the model `%s`.",
-            s_clip (model, shown, sizeof (shown)));
+            gw_clip (model, shown, sizeof (shown)));
         gw_worker_error (self->worker, rid, 403, "invalid_request_error",
             "model_not_allowed", message);
         return;
     }
-    //  Hook for local models (issue 5): "local/<name>" -> service model.<name>.
+    //  Local models (issue 5): "local/<name>" -> service model.<name>.
     if (self->local_models && strncmp (model, LOCAL_PREFIX, strlen (LOCAL_PREFIX)) == 0) {
-        char service[GW_SERVICE_MAX + 1];
-        int size = snprintf (
-            service, sizeof (service), "model.%s", model + strlen (LOCAL_PREFIX));
-        if (size > 6 && size < (int)sizeof (service) &&
-            gw_msg_service_valid (service, (size_t)size)) {
-            if (self->verbose)
-                gw_debug ("router: %s -> %s", model, service);
-            s_forward (self, request, service);
-            return;
-        }
+        s_local_route (self, request, model + strlen (LOCAL_PREFIX), true);
+        return;
     }
     msgpack_sbuffer_clear (&self->sbuf);
     msgpack_packer pk;
@@ -463,7 +743,7 @@ s_handle (s_router_t *self, gw_msg_t *request)
     if (attempts == 0) {
         snprintf (message, sizeof (message),
             "The model `%s` does not exist or you do not have access to it.",
-            s_clip (model, shown, sizeof (shown)));
+            gw_clip (model, shown, sizeof (shown)));
         gw_worker_error (
             self->worker, rid, 404, "invalid_request_error", "model_not_found", message);
         return;
@@ -510,6 +790,13 @@ s_on_pipe (s_router_t *self)
         if (!self->worker && endpoint)
             self->worker =
                 gw_worker_new (endpoint, "router", self->capacity, GW_READY_IDEMPOTENT);
+        if (self->worker && self->local_models && !self->bus && endpoint) {
+            self->bus = gw_client_new (endpoint);
+            if (self->bus)
+                gw_info ("router: routing local/<name> to model.<name>; served models "
+                         "learnt from gw.services every %d ms",
+                    LOCAL_REFRESH_MS);
+        }
         zsock_signal (self->pipe, self->worker ? 0 : 1);
         if (self->worker && !self->discovery)
             s_start_discovery (self);
@@ -522,7 +809,14 @@ s_on_pipe (s_router_t *self)
         long long number = value ? strtoll (value, &end, 10) : 0;
         bool valid = value && *value && end && *end == 0;
         int rc = 1;
-        if (key && valid) {
+        if (key && value && streq (key, "local_admin_groups")) {
+            //  A comma-separated list of groups; empty = any authenticated key.
+            zstr_free (&self->local_admin);
+            if (*value)
+                self->local_admin = strdup (value);
+            rc = 0;
+        }
+        else if (key && valid) {
             if (streq (key, "refresh_s") && number >= 1 && number <= 86400) {
                 self->refresh_s = (int)number;
                 rc = 0;
@@ -561,10 +855,15 @@ gw_router_actor (zsock_t *pipe, void *args)
     self.created = gw_time_ms () / 1000;
     self.refresh_s = 300;
     self.capacity = 1024;
+    self.local = zhashx_new ();
+    assert (self.local);
+    self.parked = zlistx_new ();
+    assert (self.parked);
+    zlistx_set_destructor (self.parked, (zlistx_destructor_fn *)gw_msg_destroy);
     zsock_signal (pipe, 0);
 
     while (!self.terminated) {
-        zmq_pollitem_t items[3];
+        zmq_pollitem_t items[4];
         int count = 0;
         items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
         if (self.worker)
@@ -574,6 +873,16 @@ gw_router_actor (zsock_t *pipe, void *args)
             items[count++] =
                 (zmq_pollitem_t){zsock_resolve (self.discovery), 0, ZMQ_POLLIN, 0};
         long timeout = self.worker ? gw_worker_timeout (self.worker) : -1;
+        if (self.bus) {
+            items[count++] = (zmq_pollitem_t){
+                zsock_resolve (gw_client_socket (self.bus)), 0, ZMQ_POLLIN, 0};
+            long due = gw_client_timeout (self.bus);
+            if (!self.local_asking) {
+                int64_t next = self.local_next - gw_mono_ms ();
+                due = next < due ? (next > 0 ? (long)next : 0) : due;
+            }
+            timeout = timeout < 0 || due < timeout ? due : timeout;
+        }
         if (zmq_poll (items, count, timeout) < 0) {
             if (zmq_errno () == EINTR)
                 continue;  //  a signal: the main decides what it means
@@ -589,7 +898,13 @@ gw_router_actor (zsock_t *pipe, void *args)
             s_on_worker (&self);
             gw_worker_tick (self.worker);
         }
+        if (self.bus)
+            s_local_tick (&self);
     }
+    zlistx_destroy (&self.parked);
+    zhashx_destroy (&self.local);
+    gw_client_destroy (&self.bus);
+    zstr_free (&self.local_admin);
     zactor_destroy (&self.discovery);
     gw_worker_destroy (&self.worker);
     gw_envelope_destroy (&self.envelope);
@@ -911,11 +1226,45 @@ gw_router_test (bool verbose)
     assert (streq (s_plan_field (env, 0, "base", text, sizeof (text)), base));
     gw_msg_destroy (&reply);
 
-    //  The local model hook: local/tiny goes to service model.tiny, which
-    //  has no worker here, so the broker answers 503 after its grace.
+    //  Local models: a name no model.<name> worker serves is a 404 (the
+    //  router asks gw.services first), as is the management service.
     zstr_sendx (broker, "CONFIGURE", "grace", "200", NULL);
     assert (zsock_wait (broker) == 0);
     reply = s_call (&rig, "chat", "local/tiny", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 404);
+    assert (streq (s_error_code (reply, text, sizeof (text)), "model_not_found"));
+    gw_msg_destroy (&reply);
+    reply = s_call (&rig, "chat", "local/admin", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 404);
+    gw_msg_destroy (&reply);
+    //  A worker for model.tiny: found at once (not after the refresh
+    //  period), forwarded there, and listed as local/tiny.
+    gw_worker_t *bridge = rig.bridge;
+    rig.bridge = gw_worker_new (endpoint, "model.tiny", 4, 0);
+    assert (rig.bridge);
+    bool served = false;
+    for (int attempt = 0; attempt < 100 && !served; attempt++) {
+        reply = s_call (&rig, "chat", "local/tiny", "Bearer sk-good");
+        served = gw_msg_status (reply) == 200;
+        if (served) {
+            echo = gw_msg_body (reply);
+            assert (
+                gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+            assert (streq (gw_envelope_slip (env, 2), "model.tiny"));
+        }
+        gw_msg_destroy (&reply);
+        if (!served)
+            zclock_sleep (20);
+    }
+    assert (served);
+    reply = s_call (&rig, "models", NULL, "Bearer sk-good");
+    assert (s_listed (reply, "local/tiny") && s_listed (reply, "m"));
+    assert (!s_listed (reply, "local/admin"));
+    gw_msg_destroy (&reply);
+    gw_worker_destroy (&rig.bridge);
+    rig.bridge = bridge;
+    //  Management goes to model.admin (no worker here: the broker's 503).
+    reply = s_call (&rig, "admin", NULL, "Bearer sk-good");
     assert (gw_msg_status (reply) == 503);
     gw_msg_destroy (&reply);
 

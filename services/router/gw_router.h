@@ -15,7 +15,10 @@
 //    CONFIGURE key value  before CONNECT: refresh_s (model list refresh,
 //                         seconds, 1..86400, default 300), capacity (1..65535,
 //                         default 1024), local_models (0/1: route "local/x"
-//                         to service "model.x", issue 5), seed (random
+//                         to service "model.x", list served local models,
+//                         pass op "admin" to model.admin; STAGES.md §7.3),
+//                         local_admin_groups (csv of groups that may change
+//                         local models; empty = any key), seed (random
 //                         generator, tests); replies a signal: 0 done, 1 bad.
 //    VERBOSE              log every routing decision at debug level.
 //    $TERM                end the actor.

@@ -79,3 +79,6 @@ fi
 if [ -z "$ONLY" ] || [ "$ONLY" = e2e ]; then
     AIGW_BUILD=$B /usr/bin/python3 tests/bench/e2e.py
 fi
+if [ -z "$ONLY" ] || [ "$ONLY" = local ]; then
+    AIGW_BUILD="$B" /usr/bin/python3 tests/bench/local.py
+fi
