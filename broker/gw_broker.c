@@ -273,6 +273,9 @@ s_send_error (broker_t *self, peer_t *client, const uint8_t rid[16], uint16_t st
             "the worker of service '%s' was lost with the request in flight", service);
     else if (streq (code, "unknown_service"))
         snprintf (message, sizeof (message), "unknown broker service '%s'", service);
+    else if (streq (code, "duplicate_request_id"))
+        snprintf (message, sizeof (message),
+            "another request with this id is in flight (service '%s')", service);
     else
         snprintf (message, sizeof (message), "malformed frame set: %s",
             detail ? detail : "invalid");
@@ -507,8 +510,18 @@ s_handle_bus (broker_t *self)
             }
             if (gw_dispatch_request (self->dispatch, rid, peer, service,
                     (int64_t)gw_msg_deadline (msg), msg, now)) {
-                self->dropped++;
-                s_complain (self, peer, "REQUEST", "request id already in flight");
+                //  Another client's request holds this id (ids chosen by
+                //  HTTP clients can collide across edges): refuse this one
+                //  so it does not wait for its deadline. The same client
+                //  repeating itself gets nothing: a FINAL would end its
+                //  first request.
+                if (gw_dispatch_client (self->dispatch, rid) != peer)
+                    s_send_error (
+                        self, peer, rid, 409, "duplicate_request_id", service, NULL);
+                else {
+                    self->dropped++;
+                    s_complain (self, peer, "REQUEST", "request id already in flight");
+                }
                 break;
             }
             self->msg = s_msg_new (self);
@@ -1580,6 +1593,49 @@ s_t_expiry (bool verbose)
     zactor_destroy (&broker);
 }
 
+//  Request ids come from clients (the edge takes HTTP clients' own): a
+//  second client reusing an id in flight gets 409 at once; the first is
+//  undisturbed; the same client repeating itself gets nothing.
+static void
+s_t_duplicate (bool verbose)
+{
+    zactor_t *broker = zactor_new (gw_broker_actor, NULL);
+    assert (broker);
+    char *endpoint = s_t_command (broker, "BIND", "inproc://gw-broker-dup");
+    assert (streq (endpoint, "inproc://gw-broker-dup"));
+    zstr_free (&endpoint);
+    t_peer_t *worker = s_t_peer ("inproc://gw-broker-dup", "W");
+    t_peer_t *first = s_t_peer ("inproc://gw-broker-dup", "C1");
+    t_peer_t *second = s_t_peer ("inproc://gw-broker-dup", "C2");
+    s_t_ready (worker, "dup", 4, 0);
+    s_t_sync (worker, 'W');
+    uint8_t rid[16];
+    s_t_request (first, rid, "dup", (uint64_t)gw_time_ms () + 60000, 0);
+    gw_msg_t *msg = s_t_expect (worker, GW_MSG_REQUEST, rid);
+    gw_msg_t *again = gw_msg_dup (msg);
+    gw_msg_set_routing_id (again, NULL);
+    gw_msg_t *copy = gw_msg_dup (again);
+    s_t_send (second, &again);
+    gw_msg_t *refused = s_t_expect (second, GW_MSG_FINAL, rid);
+    s_t_check_error (refused, 409, "duplicate_request_id");
+    gw_msg_destroy (&refused);
+    s_t_send (first, &copy);  //  the owner repeating itself: dropped
+    s_t_silent (first, 50);
+    s_t_silent (worker, 50);
+    s_t_simple (worker, GW_MSG_FINAL, rid, 200, 0);
+    gw_msg_t *final = s_t_expect (first, GW_MSG_FINAL, rid);
+    assert (gw_msg_status (final) == 200);
+    gw_msg_destroy (&final);
+    s_t_silent (second, 50);
+    gw_msg_destroy (&msg);
+    s_t_peer_destroy (&second);
+    s_t_peer_destroy (&first);
+    s_t_peer_destroy (&worker);
+    zactor_destroy (&broker);
+    if (verbose)
+        printf ("   duplicate request ids: OK\n");
+}
+
 void
 gw_broker_test (bool verbose)
 {
@@ -1589,5 +1645,6 @@ gw_broker_test (bool verbose)
     int64_t start = gw_mono_ms ();
     s_t_main (verbose);
     s_t_expiry (verbose);
+    s_t_duplicate (verbose);
     printf ("OK (%" PRId64 " ms)\n", gw_mono_ms () - start);
 }

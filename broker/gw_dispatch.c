@@ -758,6 +758,14 @@ gw_dispatch_service (gw_dispatch_t *self, const uint8_t rid[16])
     return entry ? entry->service->name : NULL;
 }
 
+void *
+gw_dispatch_client (gw_dispatch_t *self, const uint8_t rid[16])
+{
+    assert (self);
+    entry_t *entry = (entry_t *)zhashx_lookup (self->entries, rid);
+    return entry ? entry->client : NULL;
+}
+
 size_t
 gw_dispatch_actions (gw_dispatch_t *self, gw_dispatch_action_t **actions_p)
 {

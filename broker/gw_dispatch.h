@@ -147,6 +147,9 @@ void gw_dispatch_tick (gw_dispatch_t *self, int64_t now);
 //  string is valid until the next operation. No actions.
 const char *gw_dispatch_service (gw_dispatch_t *self, const uint8_t rid[16]);
 
+//  The client handle rid is in flight for, or NULL. No actions.
+void *gw_dispatch_client (gw_dispatch_t *self, const uint8_t rid[16]);
+
 //  The actions of the last operation; *actions_p is set to the array.
 size_t gw_dispatch_actions (gw_dispatch_t *self, gw_dispatch_action_t **actions_p);
 
