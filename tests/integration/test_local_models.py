@@ -335,8 +335,10 @@ def test_management_download_with_progress(make_gateway: Any, make_model_worker:
     # file's size becomes known: reported to the model service.)
     done = [v["download"]["bytes_done"] for v in partial]
     assert done == sorted(done) and done[0] < done[-1], done
-    dl = partial[-1]["download"]
-    assert 0 < dl["bytes_done"] < dl["bytes_total"], dl
+    # Some view caught a file half-way (a view between two files may have
+    # bytes_done == bytes_total of the files known so far).
+    assert any(0 < v["download"]["bytes_done"] < v["download"]["bytes_total"]
+               for v in partial), [v["download"] for v in partial]
     # Atomic: the folder appeared whole, with identical files.
     for f in files:
         assert (models / "fresh" / f["name"]).read_bytes() == (folder / f["name"]).read_bytes()
