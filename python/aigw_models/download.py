@@ -15,8 +15,14 @@ folder ``<MODEL_PATH>/<model>``:
   if the model folder exists already, each file is renamed into it), so a
   model never appears half-written.
 
-Progress (bytes done / bytes expected, from Content-Length) is readable at
-any time from ``view()``; the work runs in one background thread.
+Progress is readable at any time from ``view()``; the work runs in one
+background thread. Before fetching, a HEAD request per file learns its size
+(Content-Length, after redirects), so ``bytes_total`` is the size of the
+whole download from the start and ``fraction`` is ``bytes_done /
+bytes_total``. When a size cannot be learnt up front (HEAD refused, no
+Content-Length) the fraction is estimated per file; either way the
+published ``fraction`` never decreases (a value lower than one already
+published is not shown), and it is 1.0 only when the model is installed.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 FILES_MAX = 64
 CHUNK = 256 * 1024
 TIMEOUT_S = 30
+HEAD_TIMEOUT_S = 10
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -101,8 +108,13 @@ class Download:
         self.state = "queued"  # queued, running, done, error
         self.error: Optional[str] = None
         self.bytes_done = 0
-        self.bytes_total = 0  # known so far (Content-Length of started files)
+        #  Sum of the file sizes: from HEAD up front, corrected by each GET's
+        #  Content-Length; None for a file whose size is not known.
+        self.bytes_total = 0
+        self.sizes: Dict[str, Optional[int]] = {f.name: None for f in files}
         self.files_done = 0
+        self._file_done = 0  # bytes of the current file so far
+        self._published = 0.0  # the highest fraction shown (never goes back)
         self.current: Optional[str] = None
         self.resumed_bytes = 0  # bytes not fetched again thanks to Range
         self._lock = threading.Lock()
@@ -113,16 +125,55 @@ class Download:
             return {"state": self.state, "error": self.error, "bytes_done": self.bytes_done,
                     "bytes_total": self.bytes_total, "files_done": self.files_done,
                     "files_total": len(self.files), "current": self.current,
-                    "resumed_bytes": self.resumed_bytes, "fraction": self.fraction()}
+                    "resumed_bytes": self.resumed_bytes, "fraction": self._fraction()}
 
     def fraction(self) -> float:
+        """Progress 0..1, monotonic; 1.0 only when installed."""
+        with self._lock:
+            return self._fraction()
+
+    def _fraction(self) -> float:
         if self.state == "done":
+            self._published = 1.0
             return 1.0
-        if self.bytes_total and self.files_done < len(self.files):
-            #  Bytes of the files started so far; files not started count 0.
-            started = self.files_done + 1
-            return min(0.999, self.bytes_done / self.bytes_total * started / len(self.files))
-        return self.files_done / max(1, len(self.files))
+        n = max(1, len(self.files))
+        if self.bytes_total and all(v is not None for v in self.sizes.values()):
+            raw = self.bytes_done / self.bytes_total
+        else:
+            #  A size unknown: each file counts 1/n, the current one by its
+            #  bytes when its size is known.
+            raw = self.files_done / n
+            size = self.sizes.get(self.current or "")
+            if self.files_done < len(self.files) and size:
+                raw += min(1.0, self._file_done / size) / n
+        self._published = max(self._published, min(0.999, raw))
+        return self._published
+
+    def _set_size(self, name: str, size: Optional[int]) -> None:
+        """Record a file's size (lock held) and recompute bytes_total."""
+        self.sizes[name] = size
+        self.bytes_total = sum(v for v in self.sizes.values() if v is not None)
+
+    def _probe_sizes(self) -> None:
+        """HEAD every file for its size; failures leave it unknown (the GET
+        decides whether the download works)."""
+        for spec in self.files:
+            final = os.path.join(self.staging, spec.name)
+            size: Optional[int] = None
+            if os.path.exists(final):
+                size = os.path.getsize(final)
+            else:
+                request = urllib.request.Request(
+                    spec.url, method="HEAD", headers={"User-Agent": "aigw-model-worker"})
+                try:
+                    with urllib.request.urlopen(request, timeout=HEAD_TIMEOUT_S) as resp:
+                        length = resp.headers.get("Content-Length")
+                        if resp.status == 200 and length is not None and length.isdigit():
+                            size = int(length)
+                except (urllib.error.URLError, OSError, ValueError):
+                    size = None
+            with self._lock:
+                self._set_size(spec.name, size)
 
     def start(self, on_progress: Callable[[float], None],
               on_done: Callable[[bool, Optional[str]], None]) -> None:
@@ -149,9 +200,10 @@ class Download:
         with self._lock:
             self.state = "running"
         os.makedirs(self.staging, exist_ok=True)
+        self._probe_sizes()
         for spec in self.files:
             with self._lock:
-                self.current = spec.name
+                self.current, self._file_done = spec.name, 0
             self._fetch(spec, on_progress)
             with self._lock:
                 self.files_done += 1
@@ -169,7 +221,8 @@ class Download:
             size = os.path.getsize(final)
             with self._lock:
                 self.bytes_done += size
-                self.bytes_total += size
+                self._file_done = size
+                self._set_size(spec.name, size)
                 self.resumed_bytes += size
             return
         offset = os.path.getsize(part) if os.path.exists(part) else 0
@@ -181,6 +234,11 @@ class Download:
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and offset:  # the part is already complete
                 resp = None
+                with self._lock:
+                    self.resumed_bytes += offset
+                    self.bytes_done += offset
+                    self._file_done = offset
+                    self._set_size(spec.name, offset)
             else:
                 raise DownloadError(f"{spec.url}: HTTP {exc.code}") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -193,6 +251,7 @@ class Download:
                     with self._lock:
                         self.resumed_bytes += offset
                         self.bytes_done += offset
+                        self._file_done = offset
                 elif status == 200:
                     mode, offset = "wb", 0
                 else:
@@ -200,7 +259,7 @@ class Download:
                 length = resp.headers.get("Content-Length")
                 if length is not None and length.isdigit():
                     with self._lock:
-                        self.bytes_total += offset + int(length)
+                        self._set_size(spec.name, offset + int(length))
                 with open(part, mode) as fh:
                     while True:
                         try:
@@ -212,6 +271,7 @@ class Download:
                         fh.write(chunk)
                         with self._lock:
                             self.bytes_done += len(chunk)
+                            self._file_done += len(chunk)
                         on_progress(self.fraction())
                 if length is not None and length.isdigit() and \
                         os.path.getsize(part) != offset + int(length):

@@ -8,11 +8,17 @@ the next token of each. Each sequence keeps its own KV cache, so sequences
 of any lengths share a step without padding, and a sequence finishing or
 being cancelled frees its slot at once (``release``).
 
-Text is produced incrementally: after each token the generated ids are
-decoded and the new text is released, except a trailing incomplete UTF-8
-character (U+FFFD) and any tail that could still turn into a stop sequence;
-a stop sequence found cuts the text before it and ends the sequence with
-finish_reason ``stop``. EOS also gives ``stop``; ``max_tokens`` or the
+Text is produced incrementally: after each token the new *bytes* of the
+generated ids (``Tokenizer.decode_bytes``, prefix-stable) go through one
+incremental UTF-8 decoder with ``errors="replace"``, so the text grows only
+by characters that later bytes cannot change: the decoder holds back just an
+incomplete trailing multibyte sequence, and it is flushed (as U+FFFD) when
+the sequence ends. The text is therefore exactly
+``decode_bytes(ids).decode("utf-8", "replace")`` however often, and
+whenever, a consumer takes it: streamed and non-streamed text are the same.
+Released is all of it except any tail that could still turn into a stop
+sequence; a stop sequence found cuts the text before it and ends the
+sequence with finish_reason ``stop``. EOS also gives ``stop``; ``max_tokens`` or the
 model's context limit give ``length``.
 
 Back-pressure: a sequence whose consumer has not taken its text for
@@ -27,6 +33,7 @@ drawn from a per-sequence ``numpy.random.Generator`` seeded by ``seed``
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -89,6 +96,8 @@ class Sequence_:
         self.generated: List[int] = []
         self.text = ""  # decoded text of generated (after any stop cut)
         self.emitted = 0  # characters of text already released
+        self._bytes = b""  # bytes of generated fed to the decoder
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.finish_reason: Optional[str] = None
         self.prefilled = False
         self.released = False
@@ -113,6 +122,17 @@ class Sequence_:
         self.untaken = 0
         return self._pop(self._safe_end())
 
+    def feed(self, data: bytes, final: bool = False) -> None:
+        """Decode the bytes of every generated token so far (``data``)
+        into ``text``: only the bytes not fed before are decoded; final
+        flushes an incomplete trailing sequence as U+FFFD."""
+        if data.startswith(self._bytes):
+            self.text += self._decoder.decode(data[len(self._bytes):], final)
+        else:  # not prefix-stable (no supported tokenizer does this): start over
+            self._decoder.reset()
+            self.text = self._decoder.decode(data, final)
+        self._bytes = data
+
     def _pop(self, end: int) -> str:
         out = self.text[self.emitted:end]
         self.emitted = max(self.emitted, end)
@@ -122,8 +142,6 @@ class Sequence_:
         if self.done:
             return len(self.text)
         end = len(self.text)
-        while end > self.emitted and self.text[end - 1] == "\ufffd":
-            end -= 1
         hold = 0
         for s in self.params.stop:
             for k in range(min(len(s) - 1, end), 0, -1):
@@ -211,20 +229,19 @@ class Engine:
         s.untaken += 1
         self.tokens_out += 1
         if tok in s.stop_ids:
-            s.text = self.tokenizer.decode(s.generated[:-1])
+            s.feed(self.tokenizer.decode_bytes(s.generated[:-1]), final=True)
             s.finish_reason = "stop"
             return
-        text = self.tokenizer.decode(s.generated)
+        length = (len(s.generated) >= s.params.max_tokens
+                  or s.cache.length + 1 >= self.model.max_positions)
+        s.feed(self.tokenizer.decode_bytes(s.generated), final=length)
         for stop in s.params.stop:
-            idx = text.find(stop, max(0, s.emitted - len(stop)))
+            idx = s.text.find(stop, max(0, s.emitted - len(stop)))
             if idx >= 0:
-                s.text = text[:idx]
+                s.text = s.text[:idx]
                 s.finish_reason = "stop"
                 return
-        s.text = text
-        if len(s.generated) >= s.params.max_tokens:
-            s.finish_reason = "length"
-        elif s.cache.length + 1 >= self.model.max_positions:
+        if length:
             s.finish_reason = "length"
 
     def generate(self, prompt: List[int], params: SamplingParams) -> Sequence_:

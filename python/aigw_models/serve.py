@@ -18,12 +18,22 @@ error object.
 
 The management service (default ``model.admin``, ``--admin-service``)
 lists, starts, stops, configures and downloads models; its messages are in
-proto/STAGES.md §6. Loading and downloading run in background threads and
-report progress through ``status``; the bus loop never blocks on them.
+proto/STAGES.md §7.2. Loading and downloading run in background threads and
+report progress through ``status``; the bus loop never blocks on them. A
+started model is ``loaded`` only once the broker has confirmed its
+registration (``Worker.registered``), so a request sent after ``status``
+says ``loaded`` is dispatched to it.
+
+Billing: after every chat/completions/embeddings request, one usage event
+(STAGES.md §6.2) goes to ``--billing-service`` (default ``billing``) through
+a ``UsageProducer`` (bounded in-memory spool, resent until acknowledged;
+when full, new requests get 503 ``usage_spool_full``); ``AIGW_BILLING=0``
+turns it off.
 
 Environment: ``AIGW_BUS`` (bus endpoint), ``MODEL_PATH`` (models folder,
 default ``var/models`` of the repository), ``AIGW_MODELS`` (like
-``--models``), ``LOG_LEVEL`` (debug, info, warning, error), ``LOG_FORMAT``
+``--models``), ``AIGW_BILLING`` (``0`` = no usage events), ``AIGW_BILLING_SERVICE``,
+``AIGW_BILLING_SPOOL_MAX``, ``LOG_LEVEL`` (debug, info, warning, error), ``LOG_FORMAT``
 (``json`` for JSON lines, else text; always on stderr).
 """
 
@@ -45,6 +55,8 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from aigw_worker import Final, HandlerError, Request, Worker  # noqa: E402
+from aigw_worker.protocol import RID_SIZE, now_ms  # noqa: E402
+from aigw_worker.usage import SPOOL_MAX_DEFAULT, UsageProducer  # noqa: E402
 
 from aigw_models import catalog, openai_api as api  # noqa: E402
 from aigw_models.catalog import HashModel, TextModel  # noqa: E402
@@ -67,6 +79,9 @@ SETTINGS_SPEC: Dict[str, tuple] = {
     "dimensions": (int, 1, DIM_MAX),
 }
 ADMIN_ACTIONS = ("list", "status", "start", "stop", "settings", "download")
+#  Operations that are billed: each such request a model serves produces one
+#  usage event (proto/STAGES.md §6.2).
+BILLED_OPS = ("chat", "completions", "embeddings")
 DEFAULT_SETTINGS: Dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256}
 
 
@@ -96,10 +111,17 @@ class ModelServer:
     """The models of one worker process and their bus handlers."""
 
     def __init__(self, worker: Worker, root: str, capacity: int = 4,
-                 admin_service: Optional[str] = "model.admin") -> None:
+                 admin_service: Optional[str] = "model.admin",
+                 usage: Optional[UsageProducer] = None) -> None:
         self.worker = worker
         self.root = root
         self.capacity = capacity
+        #  The usage event producer (None: billing off); the worker loop
+        #  drives its connection.
+        self.usage = usage
+        self.usage_skipped = 0  # billed requests without a tenant (not sent)
+        if usage is not None:
+            worker.attach(usage)
         self.models: Dict[str, Any] = {}  # name -> TextModel / HashModel (serving)
         self.states: Dict[str, ModelState] = {}
         self.lock = threading.Lock()  # guards states against loader/download threads
@@ -161,11 +183,28 @@ class ModelServer:
         model.settings.update(st.settings)
         self.models[name] = model
         service = f"model.{name}"
-        if service not in self.worker.sessions:
-            self.worker.add_service(service, self._handler(name), capacity=capacity)
+
+        def registered() -> None:
+            #  "loaded" only once the broker has confirmed the READY (its
+            #  answer to the PING that follows READY): from then on a request
+            #  for model.<name> is dispatched, never 404/503 for a moment.
+            with self.lock:
+                if st.state != "loading" or self.models.get(name) is not model:
+                    return
+                st.state, st.progress, st.phase, st.loaded_at = (
+                    "loaded", 1.0, "serving", time.time())
+            log.info("serving %s capacity=%d", service, capacity)
+
         with self.lock:
-            st.state, st.progress, st.phase, st.loaded_at = "loaded", 1.0, "serving", time.time()
-        log.info("serving %s capacity=%d", service, capacity)
+            st.progress, st.phase = 1.0, "registering"
+        if service not in self.worker.sessions:
+            self.worker.add_service(service, self._handler(name), capacity=capacity,
+                                    on_registered=registered,
+                                    on_end=lambda req: self._usage_event(name, req))
+        elif self.worker.registered(service):
+            registered()
+        else:
+            self.worker.sessions[service].on_registered = registered
 
     def stop(self, name: str) -> ModelState:
         """Drain ``model.<name>`` (new requests get 503), then unregister and
@@ -213,6 +252,18 @@ class ModelServer:
                 raise api.bad("request body must be a map")
             op = req.op or ("chat" if "messages" in body else "embeddings" if "input" in body
                             else "completions" if "prompt" in body else None)
+            req.state["op"] = op
+            if op in BILLED_OPS and self.usage is not None and \
+                    not self.usage.room(self._billed_in_flight(req)):
+                #  Backpressure: billing has not acknowledged max events;
+                #  serving more would produce events there is no room for.
+                req.state["unbilled"] = True
+                raise HandlerError(503, "usage events are not being acknowledged by billing; "
+                                   "retry later", "server_error", "usage_spool_full")
+            if op in BILLED_OPS and self.usage is not None and _tenant_of(req):
+                #  A usage event will settle this request's hold (STAGES.md
+                #  §6.3: the edge releases only FINALs without ann.channel).
+                req.ann["channel"] = "local"
             shown = body.get("model") if isinstance(body.get("model"), str) else f"local/{name}"
             if op == "embeddings":
                 return self._embeddings(model, body, shown)
@@ -265,6 +316,7 @@ class ModelServer:
             seq = model.engine.add(prompt, params)
         except ModelError as exc:
             raise HandlerError(503, str(exc), "server_error", "over_capacity") from None
+        req.state["seq"] = seq  # the usage event counts its tokens
         rid = api.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         parts: List[str] = []
@@ -272,6 +324,10 @@ class ModelServer:
             if stream and chat:
                 yield api.chat_chunk(rid, shown, created, {"role": "assistant", "content": ""})
             while True:
+                #  done is read BEFORE take: a yield below hands the loop a
+                #  decode step, which may end the sequence after this take;
+                #  reading done after the yield would drop that last text.
+                done = seq.done
                 delta = seq.take()
                 if delta:
                     if stream:
@@ -279,7 +335,7 @@ class ModelServer:
                                else api.completion_chunk(rid, shown, created, delta))
                     else:
                         parts.append(delta)
-                if seq.done:
+                if done:
                     break
                 yield None
             if seq.finish_reason == "error":
@@ -334,6 +390,71 @@ class ModelServer:
             tokens = sum(len(x) for x in lists)
         use = {"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens}
         return Final.json(api.embedding_list(shown, vectors, fmt, tokens), usage=use)
+
+    # -- usage events (billing) --------------------------------------------------
+
+    def _billed_in_flight(self, req: Request) -> int:
+        """Requests in progress on the model services, this one included:
+        each will submit one usage event when it ends."""
+        return sum(len(session.tasks) for service, session in self.worker.sessions.items()
+                   if service.startswith("model.") and service[len("model."):] in self.models)
+
+    def _usage_event(self, name: str, req: Request) -> None:
+        """The Worker's on_end for model.<name>: one usage event per
+        chat/completions/embeddings request (proto/STAGES.md §6.2), whatever
+        its outcome. Tokens are the FINAL's ann.usage; a request that ended
+        without one (cancelled 499, deadline 504, abandoned 502, an error)
+        counts the tokens of its sequence so far, ``estimated`` when it was
+        cut short mid-generation. Requests without a tenant (they did not
+        come through auth, e.g. bus tools) are not billed."""
+        if self.usage is None or req.state.get("unbilled"):
+            return
+        try:
+            env = req.envelope()
+        except HandlerError:
+            return
+        op = req.state.get("op") or env.ann.get("op")
+        if op not in BILLED_OPS:
+            return
+        tenant = _tenant_of(req)
+        if not tenant:
+            self.usage_skipped += 1
+            log.debug("usage event skipped (no tenant) rid=%s", req.rid_hex)
+            return
+        status = int(req.status or 500)
+        use = req.final_ann.get("usage") if status == 200 else None
+        seq = req.state.get("seq")
+        estimated = False
+        if isinstance(use, dict):
+            prompt = int(use.get("prompt_tokens") or 0)
+            completion = int(use.get("completion_tokens") or 0)
+        elif seq is not None:
+            prompt, completion = seq.prompt_tokens, seq.completion_tokens
+            estimated = status in (499, 502, 504)
+        else:
+            prompt = completion = 0
+        event: Dict[str, Any] = {
+            "rid": req.rid, "ts": now_ms(),
+            "model": env.model if isinstance(env.model, str) and env.model
+            else f"local/{name}",
+            "channel": "local", "prompt_tokens": prompt, "completion_tokens": completion,
+            "cached_tokens": 0, "estimated": estimated, "status": status, "hold": 0}
+        for key in ("key", "user", "group"):
+            if isinstance(tenant.get(key), str):
+                event[key] = tenant[key]
+        rl = env.ann.get("rl")
+        if isinstance(rl, dict):
+            hold = rl.get("hold")
+            if isinstance(hold, int) and not isinstance(hold, bool) and hold >= 0:
+                event["hold"] = hold
+            if isinstance(rl.get("scopes"), list):
+                event["scopes"] = [s for s in rl["scopes"] if isinstance(s, str)]
+            if isinstance(rl.get("est_tokens"), int) and not isinstance(rl["est_tokens"], bool):
+                event["est_tokens"] = rl["est_tokens"]
+            if isinstance(rl.get("lease"), bool):
+                event["lease"] = rl["lease"]
+        if len(req.rid) == RID_SIZE:
+            self.usage.submit(event)
 
     # -- the admin service ----------------------------------------------------------------
 
@@ -407,6 +528,9 @@ class ModelServer:
         out["settings"] = dict(model.settings) if model is not None else dict(
             st.settings if st else {})
         out["in_flight"] = self.worker.in_flight(f"model.{name}")
+        out["registered"] = self.worker.registered(f"model.{name}")
+        if self.usage is not None:
+            out["usage_events"] = dict(self.usage.stats(), skipped=self.usage_skipped)
         out["worker"] = self.worker.label
         if isinstance(model, TextModel):
             out["slots"] = model.engine.slots
@@ -476,6 +600,19 @@ class ModelServer:
         return st.view()
 
 
+def _tenant_of(req: Request) -> Dict[str, Any]:
+    """The envelope's tenant if it names a user or key (the request came
+    through auth), else {}."""
+    try:
+        tenant = req.envelope().tenant
+    except HandlerError:
+        return {}
+    if not isinstance(tenant, dict) or not (isinstance(tenant.get("user"), str)
+                                            or isinstance(tenant.get("key"), str)):
+        return {}
+    return tenant
+
+
 # --------------------------------------------------------------------------
 # Program
 
@@ -516,13 +653,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--heartbeat-ms", type=int, default=1000)
     ap.add_argument("--expiry-ms", type=int, default=3000)
     ap.add_argument("--reconnect-ms", type=int, default=1000)
+    ap.add_argument("--billing-service", default=os.environ.get("AIGW_BILLING_SERVICE",
+                                                                "billing"),
+                    help="service that receives usage events ('' to disable; "
+                         "AIGW_BILLING=0 disables too)")
+    ap.add_argument("--billing-spool-max", type=int, default=int(os.environ.get(
+        "AIGW_BILLING_SPOOL_MAX", SPOOL_MAX_DEFAULT)),
+                    help="usage events owed before new requests get 503 "
+                         "usage_spool_full")
     args = ap.parse_args(argv)
     setup_logging()
     if not 1 <= args.capacity <= 256:
         ap.error("--capacity must be 1..256")
     worker = Worker(args.bus, label=args.label, heartbeat_ms=args.heartbeat_ms,
                     expiry_ms=args.expiry_ms, reconnect_min_ms=args.reconnect_ms)
-    server = ModelServer(worker, args.model_path, args.capacity, args.admin_service or None)
+    usage = None
+    if args.billing_service and os.environ.get("AIGW_BILLING", "1") not in ("0", "false", "off"):
+        usage = UsageProducer(args.bus, args.billing_service, max_events=args.billing_spool_max,
+                              heartbeat_ms=args.heartbeat_ms, expiry_ms=args.expiry_ms,
+                              reconnect_min_ms=args.reconnect_ms)
+    else:
+        log.info("usage events off: requests served here are not billed")
+    server = ModelServer(worker, args.model_path, args.capacity, args.admin_service or None,
+                         usage)
     for name in [n.strip() for n in args.models.split(",") if n.strip()]:
         try:
             server.start(name)

@@ -108,9 +108,17 @@ class Tokenizer:
     def _encode_plain(self, text: str, first: bool) -> List[int]:
         raise NotImplementedError
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text for ids, special tokens dropped; invalid UTF-8 becomes U+FFFD."""
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """The UTF-8 bytes of ids (special tokens dropped), which may be
+        invalid or end inside a character. Prefix-stable: the bytes of
+        ``ids[:n]`` are a prefix of the bytes of ``ids`` (what incremental
+        detokenization relies on)."""
         raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text for ids, special tokens dropped; invalid UTF-8 becomes U+FFFD
+        (Python's ``errors="replace"``: one per maximal invalid subpart)."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
 class ByteLevelBPE(Tokenizer):
@@ -204,9 +212,6 @@ class ByteLevelBPE(Tokenizer):
             out.extend(self.byte_decoder[c] for c in tok if c in self.byte_decoder)
         return bytes(out)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
-
 
 def parse_merges(lines: Iterable[Any]) -> List[Tuple[str, str]]:
     """Merges from merges.txt lines ("a b") or tokenizer.json entries."""
@@ -253,6 +258,15 @@ class SentencePieceTokenizer(Tokenizer):
             special[self.eos_token] = self.eos_id
         self.special_ids = set(special.values())
         self.set_special(special)
+        #  Byte-fallback pieces <0xNN>: id -> byte value.
+        self._byte_value: Dict[int, int] = {}
+        for i in range(self.vocab_size):
+            if self.sp.IsByte(i):
+                piece = self.sp.IdToPiece(i)
+                try:
+                    self._byte_value[i] = int(piece[3:-1], 16)
+                except ValueError:
+                    pass
 
     def _encode_plain(self, text: str, first: bool) -> List[int]:
         if not self.legacy and not first and self.sp.unk_id() >= 0:
@@ -263,10 +277,25 @@ class SentencePieceTokenizer(Tokenizer):
             return list(self.sp.EncodeAsIds(unk + text))[skip:]
         return list(self.sp.EncodeAsIds(text))
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        """SentencePiece's own surfaces for ordinary pieces (its rules for
+        ``▁`` and the leading space), but byte-fallback pieces (``<0xNN>``)
+        as the raw bytes: SentencePiece itself turns each invalid byte into
+        U+FFFD, which is not prefix-stable and not Python's "replace"."""
         keep = [int(i) for i in ids if int(i) not in self.special_ids
                 and 0 <= int(i) < self.vocab_size]
-        return self.sp.DecodeIds(keep)
+        if not keep:
+            return b""
+        if not any(i in self._byte_value for i in keep):
+            return self.sp.DecodeIds(keep).encode("utf-8")
+        out = bytearray()
+        for piece in self.sp.DecodeIdsAsImmutableProto(keep).pieces:
+            value = self._byte_value.get(piece.id)
+            if value is not None:
+                out.append(value)
+            else:
+                out += piece.surface.encode("utf-8")
+        return bytes(out)
 
 
 def _token_str(value: Any) -> Optional[str]:

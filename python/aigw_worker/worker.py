@@ -21,6 +21,14 @@ Handlers
 Session rules implemented here (PROTOCOL.md section 3):
     * READY with capacity (and the IDEMPOTENT flag) as the first frame set on
       every connection, retried until the socket accepts it (ZMQ_IMMEDIATE).
+    * Registration is *confirmed* by the broker's first frame set on that
+      connection after READY (GWP/1 has no READY acknowledgement): READY is
+      followed at once by a PING (role W), which a broker that registered
+      the worker answers with PONG and one that did not with DISCONNECT
+      (3.5.3); frame sets on a connection arrive in order, so any message
+      but DISCONNECT means READY was processed and the service is
+      dispatchable (it is in ``gw.services``). ``registered(service)`` and
+      the ``on_registered`` callback of ``add_service`` report it.
     * A REQUEST beyond capacity gets FINAL 503 ``over_capacity``.
     * PING (role W) when nothing was sent, or nothing heard, for
       ``heartbeat`` (at most one per heartbeat); PING answered with PONG.
@@ -47,6 +55,7 @@ import collections
 import logging
 import os
 import socket as pysocket
+import struct
 import time
 import types
 from dataclasses import dataclass, field
@@ -128,6 +137,12 @@ class Request:
         self.cancel_reason = 0
         #  Annotations added to the FINAL envelope, whatever the outcome.
         self.ann: Dict[str, Any] = {}
+        #  Handler scratch space, read by the service's on_end callback.
+        self.state: Dict[str, Any] = {}
+        #  Set when the request ends: the FINAL's status (502 when abandoned
+        #  by a lost connection) and the ann of the handler's Final.
+        self.status: Optional[int] = None
+        self.final_ann: Dict[str, Any] = {}
         self._envelope: Optional[Envelope] = None
         self._obj: Any = None
         self._obj_done = False
@@ -212,6 +227,9 @@ class _Session:
         self.connects = 0
         self.draining = False
         self.on_removed: Optional[Callable[[], None]] = None
+        self.on_registered: Optional[Callable[[], None]] = None
+        self.on_end: Optional[Callable[[Request], None]] = None
+        self.registered = False  # the broker confirmed READY on this connection
         self.closed = False
 
     # -- connection ---------------------------------------------------------
@@ -234,6 +252,7 @@ class _Session:
         self.sock = sock
         self.connects += 1
         self.exchanged = False
+        self.registered = False
         self.ready_pending = True
         self.reconnect_at = None
         self.last_recv = time.monotonic()
@@ -248,6 +267,22 @@ class _Session:
             log.info("ready service=%s capacity=%d connect=%d", self.service, capacity,
                      self.connects)
             self.worker._event(f"ready {self.service}")
+            if not self.registered and self.send(gwp.build_ping("W")):
+                #  The probe: its PONG confirms the registration (see above).
+                self.last_ping = time.monotonic()
+
+    def confirm(self) -> None:
+        """The broker answered on this connection after READY: registered."""
+        if self.registered or self.ready_pending or self.sock is None:
+            return
+        self.registered = True
+        log.info("registered service=%s connect=%d", self.service, self.connects)
+        self.worker._event(f"registered {self.service}")
+        if self.on_registered is not None:
+            try:
+                self.on_registered()
+            except Exception:  # noqa: BLE001 — a callback must not break the loop
+                log.exception("on_registered callback failed service=%s", self.service)
 
     def close_socket(self) -> None:
         if self.sock is not None:
@@ -269,7 +304,9 @@ class _Session:
         self.worker._event(f"reconnect {self.service} {why}")
         for task in list(self.tasks.values()):
             self.worker._close_gen(task)
+            self.worker._ended(self, task.req, 502)
         self.tasks.clear()
+        self.registered = False
         self.close_socket()
         self.reconnect_at = time.monotonic() + self.backoff
         self.backoff = min(self.backoff * 2, self.worker.reconnect_max)
@@ -362,6 +399,8 @@ class Worker:
         self._running = False
         self._dirty = True
         self._poller = zmq.Poller()
+        self._attached: List[Any] = []
+        self._attached_socks: List[zmq.Socket] = []
 
     # -- configuration --------------------------------------------------------
 
@@ -374,9 +413,18 @@ class Worker:
         return register
 
     def add_service(self, service: str, handler: Handler, capacity: int = 1,
-                    idempotent: bool = False, label: str = "") -> None:
+                    idempotent: bool = False, label: str = "",
+                    on_registered: Optional[Callable[[], None]] = None,
+                    on_end: Optional[Callable[[Request], None]] = None) -> None:
         """Register a service (connects at once if the loop is running).
 
+        on_registered runs on the loop thread each time the broker confirms
+        the registration (after every (re)connect), see ``registered``.
+        on_end(req) runs once for every request the handler was started for,
+        when it ends (``req.status``: the FINAL's status — 499 cancelled,
+        504 deadline — or 502 when a lost connection abandoned it;
+        ``req.final_ann``: the ann of the handler's Final); a usage producer
+        hooks in here.
         Raises ValueError for an invalid or duplicate service name or capacity.
         """
         if not gwp.service_valid(service) or service.startswith("gw."):
@@ -386,9 +434,17 @@ class Worker:
         if service in self.sessions:
             raise ValueError(f"service {service!r} already registered")
         session = _Session(self, service, handler, capacity, idempotent, label or self.label)
+        session.on_registered = on_registered
+        session.on_end = on_end
         self.sessions[service] = session
         if self._running:
             session.connect()
+
+    def registered(self, service: str) -> bool:
+        """True once the broker has confirmed this service's READY on its
+        current connection (False while connecting or reconnecting)."""
+        session = self.sessions.get(service)
+        return bool(session and session.registered)
 
     def set_capacity(self, service: str, capacity: int) -> None:
         """Announce a new capacity (a second READY, rule 3.6.6)."""
@@ -415,6 +471,18 @@ class Worker:
                     gwp.error_body("service stopped", "server_error", "draining")))
         self._reap(session)
         return True
+
+    def attach(self, component: Any) -> None:
+        """Drive a component from this loop (e.g. a ``UsageProducer``): it
+        provides ``sockets()`` (polled for input; may change), ``on_ready(
+        events) -> bool``, ``timeout(now) -> seconds``, ``tick(now)``,
+        ``close()`` and ``pending`` (events still to deliver: at ``stop``
+        the loop waits for them at most ``flush_grace`` seconds)."""
+        self._attached.append(component)
+        self._dirty = True
+
+    #  At stop: how long to wait for attached components' pending work.
+    flush_grace = 1.0
 
     def add_step(self, fn: Callable[[], bool]) -> None:
         """Run fn once per loop iteration; it returns True if it did work (then
@@ -464,6 +532,12 @@ class Worker:
                 if self._stopping and (not any(s.tasks for s in self.sessions.values())
                                        or time.monotonic() >= self._stop_deadline):
                     break
+            #  The requests just ended submitted usage events: give them a
+            #  moment to be acknowledged (bounded by the grace and flush_grace).
+            flush_until = min(self._stop_deadline, time.monotonic() + self.flush_grace)
+            while any(getattr(c, "pending", 0) for c in self._attached) and \
+                    time.monotonic() < flush_until:
+                self.run_once(max_wait=0.05)
         finally:
             self._shutdown()
 
@@ -471,6 +545,7 @@ class Worker:
         for session in list(self.sessions.values()):
             for task in list(session.tasks.values()):
                 self._close_gen(task)
+                self._ended(session, task.req, 502)
             session.tasks.clear()
             session.send(gwp.build_disconnect())
             if session.sock is not None:
@@ -478,6 +553,11 @@ class Worker:
             session.closed = True
             session.close_socket()
         self.sessions.clear()
+        for component in self._attached:
+            try:
+                component.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing %r failed", component)
         self._running = False
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -489,6 +569,9 @@ class Worker:
             if session.sock is not None:
                 self._poller.register(session.sock, zmq.POLLIN)
                 self._poller.register(session.monitor, zmq.POLLIN)
+        self._attached_socks = [sock for c in self._attached for sock in c.sockets()]
+        for sock in self._attached_socks:
+            self._poller.register(sock, zmq.POLLIN)
         self._dirty = False
 
     def run_once(self, max_wait: float = 0.25) -> None:
@@ -502,6 +585,11 @@ class Worker:
                 wait = min(wait, session.timeout(now))
             if any(s.tasks for s in self.sessions.values()):
                 wait = min(wait, 0.01)
+            for component in self._attached:
+                wait = min(wait, component.timeout(now))
+        if not self._dirty and self._attached and self._attached_socks != [
+                sock for c in self._attached for sock in c.sockets()]:
+            self._dirty = True
         if self._dirty:
             self._rebuild_poller()
         events = dict(self._poller.poll(int(wait * 1000)))
@@ -529,6 +617,11 @@ class Worker:
                 continue
             if session.sock in events:
                 self._drain(session)
+        for component in self._attached:
+            try:
+                component.on_ready(events)
+            except Exception:  # noqa: BLE001
+                log.exception("component input failed")
         progressed = False
         for step in self._steps:
             try:
@@ -543,6 +636,11 @@ class Worker:
             session.tick(now)
             self._expire(session)
             self._reap(session)
+        for component in self._attached:
+            try:
+                component.tick(now)
+            except Exception:  # noqa: BLE001
+                log.exception("component timer failed")
         self._busy = progressed
 
     _busy = False
@@ -573,6 +671,8 @@ class Worker:
             log.debug("malformed frame set on %s: %s", session.service, exc.reason)
             return
         cmd = msg.command
+        if cmd != Command.DISCONNECT and not session.registered:
+            session.confirm()
         if cmd == Command.PING:
             session.send(gwp.build_pong())
         elif cmd == Command.PONG:
@@ -694,7 +794,8 @@ class Worker:
             self._send_partial(session, task, task.pending)
             task.pending = None
         env = self._final_envelope(task.req, result.ann)
-        self._end(session, task, gwp.build_final(task.req.rid, result.status, env, result.body))
+        self._end(session, task, gwp.build_final(task.req.rid, result.status, env, result.body),
+                  result.ann)
 
     def _fail(self, session: _Session, task: _Task, exc: BaseException) -> None:
         if isinstance(exc, HandlerError):
@@ -709,9 +810,23 @@ class Worker:
         self._end(session, task, gwp.build_final(task.req.rid, status,
                                                  self._final_envelope(task.req, {}), body))
 
-    def _end(self, session: _Session, task: _Task, frames: List[bytes]) -> None:
+    def _end(self, session: _Session, task: _Task, frames: List[bytes],
+             final_ann: Optional[Dict[str, Any]] = None) -> None:
         session.tasks.pop(task.req.rid, None)
         session.send(frames)
+        task.req.final_ann = dict(final_ann or {})
+        self._ended(session, task.req, struct.unpack(">H", frames[3])[0])
+
+    def _ended(self, session: _Session, req: Request, status: int) -> None:
+        if req.status is not None:
+            return
+        req.status = status
+        if session.on_end is not None:
+            try:
+                session.on_end(req)
+            except Exception:  # noqa: BLE001 — a callback must not break the loop
+                log.exception("on_end callback failed service=%s rid=%s", session.service,
+                              req.rid_hex)
 
     def _close_gen(self, task: _Task) -> None:
         if task.gen is not None:

@@ -83,6 +83,67 @@ def test_streamed_text_never_leaks_a_stop_prefix(model: catalog.TextModel) -> No
     assert "".join(pieces) == text
 
 
+@pytest.mark.parametrize("every", [1, 2, 3, 7])
+def test_taken_text_is_the_whole_text_however_often_it_is_taken(
+        model: catalog.TextModel, every: int) -> None:
+    # Text with invalid and split UTF-8 (the tiny models' noise has plenty):
+    # taking every `every` steps, plus once at the end, gives exactly the
+    # bytes of the tokens decoded with errors="replace", streamed or not.
+    tok = model.tokenizer
+    for seed in range(6):
+        p = SamplingParams(max_tokens=40, temperature=1.0, seed=seed)
+        seq = model.engine.add(_prompt(model, "hello there world"), p)
+        pieces, n = [], 0
+        while not seq.done:
+            model.engine.step()
+            n += 1
+            if n % every == 0:
+                pieces.append(seq.take())
+            else:
+                seq.untaken = 0
+        pieces.append(seq.take())
+        model.engine.release(seq)
+        whole = tok.decode_bytes(seq.generated).decode("utf-8", errors="replace")
+        assert seq.text == whole
+        assert "".join(pieces) == whole
+
+
+def test_incremental_utf8_holds_back_only_an_incomplete_tail(
+        model: catalog.TextModel) -> None:
+    from aigw_models.engine import Sequence_
+    seq = Sequence_([1], SamplingParams(), None, [])  # type: ignore[arg-type]
+    got = []
+    data = b""
+    for chunk in (b"a\xe2", b"\x82", b"\xac", b"\x85b", b"\xf0\x9f"):
+        data += chunk
+        seq.feed(data)
+        got.append(seq.take())
+    assert got == ["a", "", "\u20ac", "\ufffdb", ""]
+    seq.feed(data, final=True)
+    seq.finish_reason = "length"
+    assert seq.take() == "\ufffd"
+    assert seq.text == data.decode("utf-8", errors="replace")
+
+
+def test_sentencepiece_decode_bytes_is_prefix_stable(tiny_models: Path) -> None:
+    from aigw_models.tokenizers import load_tokenizer
+    tok = load_tokenizer(str(tiny_models / "tiny-llama"))
+    rng = np.random.default_rng(1)
+    byte_ids = sorted(tok._byte_value)  # type: ignore[attr-defined]
+    assert len(byte_ids) == 256
+    for _ in range(50):
+        ids = [int(x) for x in rng.integers(0, tok.vocab_size, 30)]
+        full = tok.decode_bytes(ids)
+        for n in range(len(ids)):
+            assert full.startswith(tok.decode_bytes(ids[:n]))
+        plain = [i for i in ids if i not in tok._byte_value]  # type: ignore[attr-defined]
+        assert tok.decode(plain) == tok.sp.DecodeIds(  # type: ignore[attr-defined]
+            [i for i in plain if i not in tok.special_ids])
+    e2, x82 = byte_ids[0xE2], byte_ids[0x82]
+    assert tok.decode([e2, x82, tok.encode("a", add_bos=False)[-1]]).startswith("\ufffd")
+    assert tok.decode_bytes([e2, x82, byte_ids[0xAC]]) == "\u20ac".encode()
+
+
 def test_cancel_frees_the_slot(model: catalog.TextModel) -> None:
     eng = model.engine
     seqs = [eng.add(_prompt(model), SamplingParams(max_tokens=200, temperature=0.0))

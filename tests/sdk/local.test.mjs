@@ -68,13 +68,7 @@ test("chat.completions.create streams from local/tiny", async () => {
   assert.equal(usage.total_tokens, usage.prompt_tokens + 12);
 });
 
-// Known bug in the Python worker (reported): incremental detokenization by
-// character offsets of a re-decoded string drops the tail of a stream when
-// later bytes change how earlier invalid UTF-8 decodes (the tiny model's
-// noise hits it). Marked todo until fixed; remove the option then.
-test("greedy local generation is the same streamed or not", {
-  todo: "python worker: streamed text loses its tail after invalid UTF-8",
-}, async () => {
+test("greedy local generation is the same streamed or not", async () => {
   const body = { model: "tiny", messages, max_tokens: 10, temperature: 0 };
   const whole = await local.chat.completions.create(body);
   assert.equal(whole.object, "chat.completion");
