@@ -80,6 +80,7 @@ struct _gw_edge_t {
     int port;  //  listening port, 0 = ephemeral
     char *slip[EDGE_SLIP_MAX];  //  routing slip, owned strings
     size_t slip_size;  //  1..16
+    bool ratelimit;  //  the slip has "ratelimit": release holds (s_release)
     char *ready[EDGE_READY_MAX];  //  services /health/ready requires, owned
     size_t ready_size;  //  0 = derived from the slip at start
     size_t body_max;  //  request body cap, bytes
@@ -131,6 +132,7 @@ typedef struct {
     bool keep_alive;  //  connection stays open after
     bool chunked;  //  a stream uses chunked framing
     bool streaming;  //  stream headers are out
+    bool partial_seen;  //  a PARTIAL arrived: the backend is answering
     bool client_gone;  //  a write failed
     int fd;  //  client socket: -2 not looked up yet, -1 not found
     bool cross_origin;  //  the request carries an Origin header
@@ -523,7 +525,7 @@ s_chunk (s_req_t *req, const void *data, size_t size)
         req->chunked = streq (req->ri->http_version ? req->ri->http_version : "", "1.1");
         if (!req->chunked)
             s_close_after (req);
-        req->thread->extra.size = 0;
+        //  extra holds the headers of the first PARTIAL's envelope, if any.
         s_add (
             &req->thread->extra, "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n");
         s_head (req, out, 200, "text/event-stream", req->chunked ? -1 : -2);
@@ -875,8 +877,12 @@ s_client_closed (s_req_t *req)
     return poll (&item, 1, 0) > 0 && (item.revents & (POLLRDHUP | POLLHUP | POLLERR));
 }
 
+static void s_final_headers (s_req_t *req, gw_envelope_t *env, int status);
+
 //  Send the REQUEST (consumed) and wait for its FINAL, writing PARTIALs as
-//  they come. Returns 0 with the FINAL in thread->in, or -1 when the
+//  they come. The first PARTIAL's envelope (PROTOCOL.md §2, frame 5), when
+//  there is one, gives the stream's response headers (ann.headers,
+//  ann.channel), as the FINAL envelope does for other responses. Returns 0 with the FINAL in thread->in, or -1 when the
 //  exchange ended without one (client gone, shutdown, local timeout; the
 //  answer, if any, is written).
 static int
@@ -925,6 +931,15 @@ s_exchange (s_req_t *req, gw_msg_t **request_p, bool stream)
                     return 0;
                 if (id != GW_MSG_PARTIAL || !stream)
                     continue;
+                if (!req->partial_seen && !req->streaming) {
+                    thread->extra.size = 0;
+                    zframe_t *head = gw_msg_envelope (thread->in);
+                    if (head &&
+                        gw_envelope_decode (
+                            thread->env, zframe_data (head), zframe_size (head)) == 0)
+                        s_final_headers (req, thread->env, 200);
+                }
+                req->partial_seen = true;
                 zframe_t *payload = gw_msg_body (thread->in);
                 size_t size = payload ? zframe_size (payload) : 0;
                 //  An empty chunk would end the HTTP body: skip it.
@@ -1092,6 +1107,54 @@ struct s_route_t {
     bool local;  //  a /local/ route: ann.scope "local", models are local/<name>
 };
 
+//  At the end of a generating request, tell ratelimit (STAGES.md §6.3).
+//  A request that never reached a backend — its FINAL (decoded in
+//  thread->env) has no ann.channel, ann.usage or ann.attempts (a later
+//  stage refused it), or it ended without a FINAL (client gone, deadline,
+//  shutdown) before any PARTIAL came — is released: hold and lease given
+//  back. One that reached a backend only ends its concurrency lease
+//  ("lease_only"): the lease is released at FINAL, the hold is settled by
+//  billing with the actual usage. Fire and forget: REQUEST ratelimit,
+//  ann.op "release", body {rid, lease_only}; its FINAL is dropped with the
+//  next exchange's leftovers; a rid ratelimit holds nothing for is a no-op.
+static void
+s_release (s_req_t *req, const char *op, bool finished)
+{
+    if (!req->edge->ratelimit ||
+        !(streq (op, "chat") || streq (op, "completions") || streq (op, "embeddings")))
+        return;
+    gw_envelope_t *env = req->thread->env;
+    bool reached = finished ? (gw_envelope_ann_str (env, "channel") ||
+                                  gw_envelope_ann_raw (env, "usage", NULL) ||
+                                  gw_envelope_ann_int (env, "attempts", 0) > 0)
+                            : req->partial_seen;
+    uint8_t rid[16];
+    gw_rid_new (rid);
+    uint64_t deadline = (uint64_t)(gw_time_ms () + 5000);
+    gw_envelope_t *release = gw_envelope_new ();
+    gw_envelope_set_rid (release, rid);
+    gw_envelope_slip_append (release, "ratelimit");
+    gw_envelope_set_cursor (release, 0);
+    gw_envelope_set_deadline (release, deadline);
+    gw_envelope_set_ann_str (release, "op", "release");
+    zframe_t *envelope = gw_envelope_encode (release);
+    gw_envelope_destroy (&release);
+    //  {rid: bin 16, lease_only: bool}
+    uint8_t body[7 + 16 + 12] = {0x82, 0xa3, 'r', 'i', 'd', 0xc4, 16};
+    memcpy (body + 7, req->rid, 16);
+    memcpy (body + 23, "\xaalease_only", 11);
+    body[34] = reached ? 0xc3 : 0xc2;
+    zframe_t *frame = zframe_new (body, sizeof (body));
+    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (msg, rid);
+    gw_msg_set_service (msg, "ratelimit");
+    gw_msg_set_deadline (msg, deadline);
+    gw_msg_set_envelope (msg, &envelope);
+    gw_msg_set_body (msg, &frame);
+    gw_msg_send (msg, s_dealer (req->thread));
+    gw_msg_destroy (&msg);
+}
+
 //  Send one request down the slip (envelope per proto/STAGES.md: ann.op op,
 //  and model, ann.scope, ann.action when not NULL), wait for its FINAL and
 //  answer. Takes ownership of *body_p.
@@ -1145,8 +1208,10 @@ s_dispatch (s_req_t *req, const char *op, const char *model, bool stream,
     gw_msg_set_flags (request, stream ? GW_REQUEST_STREAM : 0);
     gw_msg_set_envelope (request, &envelope);
     gw_msg_set_body (request, body_p);
-    if (s_exchange (req, &request, stream) == 0)
+    bool finished = s_exchange (req, &request, stream) == 0;
+    if (finished)
         s_finish (req);
+    s_release (req, op, finished);
 }
 
 static void
@@ -1191,6 +1256,80 @@ s_handle_api (s_req_t *req, const s_route_t *route)
         fields.model);
     s_dispatch (req, route->op, model, fields.stream, fields.include_usage,
         route->local ? "local" : NULL, NULL, &body);
+}
+
+//  A time bound of GET /v1/usage: unix seconds (digits), or ISO 8601 in UTC:
+//  "YYYY-MM-DD" (midnight) or "YYYY-MM-DDTHH:MM:SS[Z]". Returns 0 with *ms
+//  (unix ms), or -1.
+static int
+s_usage_time (const char *text, uint64_t *ms)
+{
+    size_t len = strlen (text);
+    if (len > 0 && len <= 12 && strspn (text, "0123456789") == len) {
+        *ms = strtoull (text, NULL, 10) * 1000;
+        return 0;
+    }
+    struct tm tm;
+    memset (&tm, 0, sizeof (tm));
+    const char *end = strptime (text, "%Y-%m-%d", &tm);
+    if (!end)
+        return -1;
+    if (*end == 'T' || *end == ' ') {
+        end = strptime (end + 1, "%H:%M:%S", &tm);
+        if (!end)
+            return -1;
+        if (*end == 'Z')
+            end++;
+    }
+    time_t t = timegm (&tm);
+    if (*end || t < 0)
+        return -1;
+    *ms = (uint64_t)t * 1000;
+    return 0;
+}
+
+//  GET /v1/usage[?from=..&to=..]: the caller's key's usage, answered by
+//  billing (docs/API.md). The range goes as {from, to} in unix ms.
+static void
+s_handle_usage (s_req_t *req, const s_route_t *route)
+{
+    const char *query = req->ri->query_string;
+    const char *names[2] = {"from", "to"};
+    uint64_t bounds[2] = {0, 0};
+    bool have[2] = {false, false};
+    for (int i = 0; i < 2; i++) {
+        char value[64];
+        int n = query
+            ? mg_get_var (query, strlen (query), names[i], value, sizeof (value))
+            : -1;
+        if (n == -1)
+            continue;
+        if (n < 0 || s_usage_time (value, &bounds[i])) {
+            s_error (req, 400, "invalid_request_error", names[i], "invalid_value",
+                "%s must be unix seconds or an ISO 8601 UTC date (YYYY-MM-DD or "
+                "YYYY-MM-DDTHH:MM:SSZ)",
+                names[i]);
+            return;
+        }
+        have[i] = true;
+    }
+    if (have[0] && have[1] && bounds[0] > bounds[1]) {
+        s_error (req, 400, "invalid_request_error", "from", "invalid_value",
+            "from must not be after to");
+        return;
+    }
+    msgpack_sbuffer *pack = &req->thread->pack;
+    msgpack_sbuffer_clear (pack);
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, pack, msgpack_sbuffer_write);
+    msgpack_pack_map (&pk, have[0] + have[1]);
+    for (int i = 0; i < 2; i++)
+        if (have[i]) {
+            gw_mpack_str (&pk, names[i]);
+            msgpack_pack_uint64 (&pk, bounds[i]);
+        }
+    zframe_t *body = zframe_new (pack->data, pack->size);
+    s_dispatch (req, "usage", NULL, false, false, NULL, NULL, &body);
 }
 
 static void
@@ -1488,6 +1627,7 @@ static const s_route_t s_routes[] = {
     {"/v1/completions", "POST", "completions", s_handle_api, false},
     {"/v1/embeddings", "POST", "embeddings", s_handle_api, false},
     {"/v1/models", "GET", "models", s_handle_api, false},
+    {"/v1/usage", "GET", "usage", s_handle_usage, false},
     {"/local/chat/completions", "POST", "chat", s_handle_api, true},
     {"/local/completions", "POST", "completions", s_handle_api, true},
     {"/local/embeddings", "POST", "embeddings", s_handle_api, true},
@@ -1850,6 +1990,9 @@ gw_edge_set (gw_edge_t *self, const char *name, const char *value)
         s_list_free (self->slip, &self->slip_size);
         memcpy (self->slip, items, sizeof (char *) * (size_t)count);
         self->slip_size = (size_t)count;
+        self->ratelimit = false;
+        for (int i = 0; i < count; i++)
+            self->ratelimit |= streq (items[i], "ratelimit");
     }
     else if (streq (name, "AIGW_READY_SERVICES")) {
         char *items[EDGE_READY_MAX];
@@ -1940,7 +2083,7 @@ gw_edge_new (void)
     self->request_timeout_ms = 30000;
     self->keepalive_ms = 5000;
     self->drain_ms = 10000;
-    int rc = gw_edge_set (self, "AIGW_SLIP", "auth,router");
+    int rc = gw_edge_set (self, "AIGW_SLIP", "auth,ratelimit,router");
     assert (rc == 0);
     for (int i = 0; s_settings[i]; i++) {
         const char *value = getenv (s_settings[i]);
@@ -2138,8 +2281,23 @@ s_fake_handle (gw_worker_t *worker, gw_msg_t *request)
         return;
     }
     const char *model = gw_envelope_model (env) ? gw_envelope_model (env) : "";
+    const char *op = gw_envelope_ann_str (env, "op");
     char text[64];
-    if (streq (model, "json")) {
+    if (op && streq (op, "usage")) {
+        //  GET /v1/usage: answer with the query body the edge built.
+        zframe_t *body = zframe_dup (gw_msg_body (request));
+        gw_worker_final (worker, rid, 200, NULL, &body);
+    }
+    else if (streq (model, "streamhead")) {
+        //  The first PARTIAL carries the response headers (frame 5).
+        zframe_t *head = s_test_envelope (NULL, "ch-9", -1, true);
+        if (gw_worker_partial_env (worker, rid, "data: {\"i\":0}\n\n", 15, &head) ==
+            GW_OK)
+            s_fake_partial (worker, rid, "data: [DONE]\n\n");
+        zframe_destroy (&head);
+        gw_worker_final (worker, rid, 200, NULL, NULL);
+    }
+    else if (streq (model, "json")) {
         zframe_t *envelope = s_test_envelope ("json", "ch-1", -1, false);
         zframe_t *body = zframe_new (s_test_json, strlen (s_test_json));
         gw_worker_final (worker, rid, 200, &envelope, &body);
@@ -2735,6 +2893,45 @@ gw_edge_test (bool verbose)
             msgpack_sbuffer_write (&got, resp.body.data + at++, 1);
     }
     assert (got.size == expect.size && memcmp (got.data, expect.data, got.size) == 0);
+
+    //  A stream whose first PARTIAL carries an envelope: its ann.headers
+    //  (sanitized) and ann.channel are the stream's response headers.
+    const char *head_json = "{\"model\":\"streamhead\",\"messages\":[],\"stream\":true}";
+    assert (s_http (port, "POST", "/v1/chat/completions", NULL, head_json, false,
+                &resp) == 200);
+    assert (s_resp_header (&resp, "x-aigw-channel", value, sizeof (value)) &&
+        streq (value, "ch-9"));
+    assert (
+        s_resp_header (&resp, "x-ratelimit-remaining-requests", value, sizeof (value)) &&
+        streq (value, "0"));
+    assert (!s_resp_header (&resp, "x-evil", value, sizeof (value)));
+    assert (!s_resp_header (&resp, "Set-Cookie", value, sizeof (value)));
+    assert (!s_resp_header (&resp, "Content-Length", value, sizeof (value)));
+    assert (s_resp_header (&resp, "Content-Type", value, sizeof (value)) &&
+        streq (value, "text/event-stream"));
+    assert (
+        memmem (resp.body.data, resp.body.size, "data: {\"i\":0}\n\ndata: [DONE]", 27));
+    //  ... and a stream without one has none of them.
+    assert (s_http (port, "POST", "/v1/chat/completions", NULL, stream_json, false,
+                &resp) == 200);
+    assert (!s_resp_header (&resp, "x-aigw-channel", value, sizeof (value)));
+
+    //  GET /v1/usage: the range (unix seconds or ISO dates) goes to the
+    //  slip as {from, to} in unix ms, op "usage"; bad bounds are 400s.
+    assert (s_http (port, "GET", "/v1/usage?from=1700000000&to=2024-01-02", NULL, NULL,
+                false, &resp) == 200);
+    msgpack_sbuffer_write (&resp.body, "", 1);
+    assert (strstr (resp.body.data, "\"from\":1700000000000"));
+    assert (strstr (resp.body.data, "\"to\":1704153600000"));
+    assert (s_http (port, "GET", "/v1/usage?from=2024-01-02T00%3A00%3A01Z", NULL, NULL,
+                false, &resp) == 200);
+    msgpack_sbuffer_write (&resp.body, "", 1);
+    assert (streq (resp.body.data, "{\"from\":1704153601000}"));
+    assert (s_http (port, "GET", "/v1/usage?from=yesterday", NULL, NULL, false, &resp) ==
+        400);
+    assert (s_http (port, "GET", "/v1/usage?from=2000&to=1000", NULL, NULL, false,
+                &resp) == 400);
+    assert (s_http (port, "POST", "/v1/usage", NULL, "{}", false, &resp) == 405);
 
     //  An error FINAL after PARTIALs: an SSE error event, then the end.
     const char *streamerr_json =

@@ -5,7 +5,7 @@
 //  FINAL back into HTTP: JSON, SSE chunks, or an OpenAI error object.
 //
 //  Routes: POST /v1/chat/completions, POST /v1/completions,
-//  POST /v1/embeddings, GET /v1/models; the local-model routes
+//  POST /v1/embeddings, GET /v1/models, GET /v1/usage; the local-model routes
 //  POST /local/chat/completions, /local/completions, /local/embeddings,
 //  GET /local/models; model management GET /api/local/models and
 //  /api/local/models/{id}/status (GET), start, stop, download (POST),
@@ -18,7 +18,7 @@
 //    PORT                    listening port (8080; 0 = ephemeral)
 //    AIGW_LISTEN             listening address (0.0.0.0)
 //    AIGW_BUS                broker bus endpoint (tcp://127.0.0.1:5555)
-//    AIGW_SLIP               routing slip, comma separated (auth,router)
+//    AIGW_SLIP               routing slip, comma separated (auth,ratelimit,router)
 //    AIGW_BODY_MAX           request body cap in bytes (32 MiB)
 //    AIGW_DEADLINE_MS        request deadline from arrival (600000)
 //    AIGW_STREAM_WINDOW      PARTIALs in flight per stream (64; 0 = no credit)

@@ -197,9 +197,16 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
                 FAIL ("bad sequence frame");
             if (zframe_size (frames[4]) > self->body_max)
                 FAIL ("payload too large");
+            //  Optional frame 5: an envelope (PROTOCOL.md §2, PARTIAL).
+            if (count > 5 && zframe_size (frames[5]) > GW_ENVELOPE_MAX)
+                FAIL ("envelope too large");
             self->seq = s_get32 (zframe_data (frames[3]));
             self->body = frames[4];
             frames[4] = NULL;
+            if (count > 5 && zframe_size (frames[5]) > 0) {
+                self->envelope = frames[5];
+                frames[5] = NULL;
+            }
             break;
         case GW_MSG_FINAL:
             if (zframe_size (frames[3]) != 2)
@@ -372,6 +379,8 @@ s_encode_into (gw_msg_t *self, zmsg_t *msg)
             s_put32 (buf, self->seq);
             zmsg_addmem (msg, buf, 4);
             s_append_copy (msg, self->body);
+            if (self->envelope && zframe_size (self->envelope))
+                s_append_copy (msg, self->envelope);
             break;
         case GW_MSG_FINAL:
             zmsg_addmem (msg, self->rid, 16);
@@ -477,12 +486,16 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
             rc |= s_send_payload (handle, self->envelope, true);
             rc |= s_send_payload (handle, self->body, false);
             break;
-        case GW_MSG_PARTIAL:
+        case GW_MSG_PARTIAL: {
+            bool envelope = self->envelope && zframe_size (self->envelope);
             rc |= s_send_mem (handle, self->rid, 16, true);
             s_put32 (buf, self->seq);
             rc |= s_send_mem (handle, buf, 4, true);
-            rc |= s_send_payload (handle, self->body, false);
+            rc |= s_send_payload (handle, self->body, envelope);
+            if (envelope)
+                rc |= s_send_ref (handle, self->envelope, false);
             break;
+        }
         case GW_MSG_FINAL:
             rc |= s_send_mem (handle, self->rid, 16, true);
             buf[0] = (byte)(self->status >> 8);
@@ -878,8 +891,9 @@ gw_msg_test (bool verbose)
         assert (gw_msg_recv (out, dealer) == GW_MSG_OK);
         assert (gw_msg_id (out) == ids[i]);
         assert (!gw_msg_routing_id (out));
-        if (ids[i] == GW_MSG_PARTIAL)
-            assert (gw_msg_seq (out) == 7 && zframe_size (gw_msg_body (out)) == 1);
+        if (ids[i] == GW_MSG_PARTIAL)  //  with the optional envelope frame
+            assert (gw_msg_seq (out) == 7 && zframe_size (gw_msg_body (out)) == 1 &&
+                zframe_size (gw_msg_envelope (out)) == 4);
         if (ids[i] == GW_MSG_FINAL)
             assert (
                 gw_msg_status (out) == 429 && zframe_size (gw_msg_envelope (out)) == 4);
@@ -971,6 +985,34 @@ gw_msg_test (bool verbose)
     //  The rid is still available after a later-frame failure, so the broker
     //  can answer FINAL 400.
     assert (gw_msg_has_rid (m));
+    //  PARTIAL: without frame 5 there is no envelope; an empty frame 5 is
+    //  none either; an envelope over its bound is refused; a frame after
+    //  the envelope is ignored. Encoding round-trips the envelope.
+    zmsg_t *partial =
+        s_build (4, "GWP1", 4, "\x04", 1, "0123456789abcdef", 16, "\0\0\0\1", 4);
+    zmsg_addstr (partial, "data");
+    assert (gw_msg_decode (m, &partial, false) == GW_MSG_OK);
+    assert (gw_msg_seq (m) == 1 && !gw_msg_envelope (m));
+    partial = s_build (
+        6, "GWP1", 4, "\x04", 1, "0123456789abcdef", 16, "\0\0\0\2", 4, "data", 4, "", 0);
+    assert (gw_msg_decode (m, &partial, false) == GW_MSG_OK && !gw_msg_envelope (m));
+    partial = s_build (7, "GWP1", 4, "\x04", 1, "0123456789abcdef", 16, "\0\0\0\3", 4,
+        "data", 4, "\x81\xa1v\x01", 4, "future", 6);
+    assert (gw_msg_decode (m, &partial, false) == GW_MSG_OK);
+    assert (gw_msg_seq (m) == 3 && zframe_size (gw_msg_envelope (m)) == 4);
+    zmsg_t *again = gw_msg_encode (m);
+    assert (zmsg_size (again) == 6);
+    gw_msg_t *back2 = gw_msg_new (0);
+    assert (gw_msg_decode (back2, &again, false) == GW_MSG_OK);
+    assert (memcmp (zframe_data (gw_msg_envelope (back2)), "\x81\xa1v\x01", 4) == 0);
+    assert (zframe_streq (gw_msg_body (back2), "data"));
+    gw_msg_destroy (&back2);
+    partial = s_build (
+        5, "GWP1", 4, "\x04", 1, "0123456789abcdef", 16, "\0\0\0\4", 4, "data", 4);
+    zframe_t *huge = zframe_new (NULL, GW_ENVELOPE_MAX + 1);
+    zmsg_append (partial, &huge);
+    assert (gw_msg_decode (m, &partial, false) == GW_MSG_MALFORMED);
+    assert (streq (gw_msg_reason (m), "envelope too large"));
     //  Extra trailing frames are ignored (forward compatibility).
     zmsg_t *extra = s_build (3, "GWP1", 4, "\x08", 1, "future", 6);
     assert (gw_msg_decode (m, &extra, false) == GW_MSG_OK);

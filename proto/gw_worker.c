@@ -605,6 +605,13 @@ int
 gw_worker_partial (
     gw_worker_t *self, const uint8_t rid[16], const void *data, size_t size)
 {
+    return gw_worker_partial_env (self, rid, data, size, NULL);
+}
+
+int
+gw_worker_partial_env (gw_worker_t *self, const uint8_t rid[16], const void *data,
+    size_t size, zframe_t **envelope_p)
+{
     assert (self);
     assert (rid);
     s_request_t *req = (s_request_t *)zhashx_lookup (self->requests, rid);
@@ -618,8 +625,13 @@ gw_worker_partial (
     gw_msg_set_rid (self->out, rid);
     gw_msg_set_seq (self->out, req->seq);
     gw_msg_set_body (self->out, &payload);
+    if (envelope_p && *envelope_p && zframe_size (*envelope_p) <= GW_ENVELOPE_MAX)
+        gw_msg_set_envelope (self->out, envelope_p);
+    if (envelope_p)
+        zframe_destroy (envelope_p);  //  one over the bound
     int rc = gw_link_send (self->link, self->out);
     gw_msg_set_body (self->out, NULL);
+    gw_msg_set_envelope (self->out, NULL);
     if (rc)
         return GW_ERROR;
     req->seq++;

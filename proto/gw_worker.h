@@ -91,6 +91,14 @@ gw_msg_t *gw_worker_wait (gw_worker_t *self, int timeout_ms);
 int gw_worker_partial (
     gw_worker_t *self, const uint8_t rid[16], const void *data, size_t size);
 
+//  The same, with an envelope (PROTOCOL.md §2: PARTIAL frame 5) sent with
+//  this PARTIAL, e.g. response headers on the first one. envelope_p may be
+//  NULL. Same returns; on GW_OK the session has taken *envelope_p (and
+//  nulled it; one over GW_ENVELOPE_MAX is dropped, the PARTIAL still sent),
+//  otherwise the caller keeps it (to send with the PARTIAL after CREDIT).
+int gw_worker_partial_env (gw_worker_t *self, const uint8_t rid[16], const void *data,
+    size_t size, zframe_t **envelope_p);
+
 //  Send the FINAL for a request (takes ownership of *envelope_p and *body_p,
 //  either may be NULL, in every case) and forget the request. Returns 0, or
 //  -1 if the rid is unknown (e.g. abandoned by a reconnect) — nothing is sent

@@ -11,6 +11,11 @@
 //    AIGW_BREAKER_FAILURES      failures in a row that open a breaker (3)
 //    AIGW_BREAKER_COOLDOWN_MS   how long it stays open (30000)
 //    AIGW_HEARTBEAT_MS, AIGW_EXPIRY_MS  bus session timers (1000, 3000)
+//    AIGW_BILLING               1: send usage events to billing (default); 0: none
+//    AIGW_SPOOL_DIR             usage event spool folder (var/spool)
+//    AIGW_SPOOL_MAX             events spooled at most; beyond, 503 (100000)
+//    AIGW_SPOOL_FSYNC           1: fsync every spool write (0)
+//    AIGW_DISCONNECT            cancel (default) or drain, on client disconnect
 //    LOG_LEVEL, LOG_FORMAT      see gw_log
 
 #include "aigw.h"
@@ -83,6 +88,20 @@ main (int argc, char *argv[])
     if (heartbeat && expiry) {
         rc |= s_configure (bridge, "heartbeat", heartbeat);
         rc |= s_configure (bridge, "expiry", expiry);
+    }
+    rc |= s_configure (bridge, "billing", gw_env_int ("AIGW_BILLING", 1, 0, 1));
+    rc |= s_configure (
+        bridge, "spool_max", gw_env_int ("AIGW_SPOOL_MAX", 100000, 1, 10000000));
+    rc |= s_configure (bridge, "spool_fsync", gw_env_int ("AIGW_SPOOL_FSYNC", 0, 0, 1));
+    const char *names[] = {"spool_dir", "disconnect"};
+    const char *values[] = {
+        gw_env ("AIGW_SPOOL_DIR", "var/spool"), gw_env ("AIGW_DISCONNECT", "cancel")};
+    for (int i = 0; i < 2; i++) {
+        zstr_sendx (bridge, "CONFIGURE", names[i], values[i], NULL);
+        if (zsock_wait (bridge) != 0) {
+            gw_error ("bridge: invalid %s=%s", names[i], values[i]);
+            rc = -1;
+        }
     }
     if (rc == 0) {
         zstr_sendx (bridge, "CONNECT", bus, NULL);

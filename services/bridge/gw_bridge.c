@@ -46,7 +46,19 @@
 //
 //  CANCEL or deadline: the easy handle is removed with FORBID_REUSE set and
 //  cleaned up, so the upstream connection is closed (HTTP/1.1) or the stream
-//  reset (HTTP/2) at once, and never returned to the pool.
+//  reset (HTTP/2) at once, and never returned to the pool. Except with
+//  drain (AIGW_DISCONNECT, or the plan entry's "disconnect"): a CANCEL
+//  during an attempt only sets client_gone (held event dropped, transfer
+//  unpaused); the transfer runs on, sending no PARTIAL, and its end is the
+//  usual success/failed event, answered FINAL 499 (no failover).
+//
+//  Money: every FINAL of a request with at least one attempt hands a usage
+//  event (STAGES.md §6.2) to the gw_usage producer, which spools it and
+//  sends it to billing until acknowledged. Admission refuses (503) while
+//  events owed + requests in flight reach spool_max, so an event always
+//  has room. The first PARTIAL carries an envelope with ann.headers and
+//  ann.channel (PROTOCOL.md §2, frame 5), so the edge can send a stream's
+//  response headers; FINAL envelopes are the request's (ann.headers kept).
 //
 //  Bounds (provider bytes are hostile too): response body body_max, error
 //  bodies 64 KiB (truncated), SSE line and event event_max, plan 16 channels,
@@ -62,6 +74,7 @@
 #include "gw_bridge.h"
 #include "gw_sse.h"
 #include "gw_breaker.h"
+#include "gw_usage.h"
 
 #define PLAN_MAX 16  //  channels used from a plan
 #define POOL_MAX 64  //  idle easy handles kept
@@ -151,6 +164,7 @@ typedef struct {
     char *model;  //  upstream model name
     uint32_t timeout_ms;  //  per-attempt timeout
     bool https;  //  base is https (HTTP/2 may be multiplexed)
+    bool drain;  //  plan entry "disconnect": "drain"
 } s_channel_t;
 
 typedef struct {
@@ -196,9 +210,12 @@ typedef struct {
     uint32_t partials;  //  PARTIALs sent
     bool abort_cancel;  //  a PARTIAL was refused: client gone
     bool aborted_by_us;  //  the write callback stopped the transfer
+    bool client_gone;  //  CANCEL arrived and we drain: read on, send nothing
+    uint64_t prompt_est;  //  prompt tokens estimate: request JSON bytes / 4
+    uint64_t chunks;  //  content chunks streamed (completion estimate)
     //  Outcome bookkeeping
     bool has_usage;  //  usage seen
-    uint64_t usage[3];  //  prompt, completion, total tokens
+    uint64_t usage[4];  //  prompt, completion, total, cached prompt tokens
     bool fault;  //  last failure is the channel's fault
     bool last_timeout;  //  last failure was a timeout
     char fail_msg[FAIL_MSG_MAX];  //  last failure, for the final error
@@ -216,6 +233,7 @@ struct _s_bridge_t {
     bool terminated;  //  $TERM received
     bool verbose;  //  log attempts
     gw_worker_t *worker;  //  bus session, NULL until CONNECT
+    gw_usage_t *usage;  //  usage event producer, NULL when billing is off
     CURLM *multi;  //  the multi handle
     zhashx_t *requests;  //  rid -> s_request_t (owned)
     gw_breaker_t *breakers;  //  per-channel breakers
@@ -238,8 +256,14 @@ struct _s_bridge_t {
     size_t body_max;  //  largest upstream body
     size_t event_max;  //  largest SSE line / event
     int heartbeat, expiry;  //  bus session timers (ms), 0 = default
+    bool billing;  //  produce usage events (AIGW_BILLING)
+    bool drain;  //  on client disconnect, drain every channel (AIGW_DISCONNECT)
+    char *spool_dir;  //  AIGW_SPOOL_DIR
+    size_t spool_max;  //  events spooled at most (AIGW_SPOOL_MAX)
+    bool spool_fsync;  //  fsync every spool write (AIGW_SPOOL_FSYNC)
+    char *billing_service;  //  service usage events go to
     //  Counters
-    uint64_t n_attempts, n_retries, n_cancels;
+    uint64_t n_attempts, n_retries, n_cancels, n_events, n_event_errors, n_refused;
 };
 
 //  --------------------------------------------------------------------------
@@ -353,6 +377,18 @@ s_json_find_key (const char *json, size_t size, const char *key)
     return NULL;
 }
 
+//  True if a chat or completion chunk carries some text: a non-empty
+//  "content" (chat) or "text" (legacy completions) string.
+static bool
+s_has_text (const char *json, size_t size)
+{
+    const char *end = json + size;
+    const char *value = s_json_find_key (json, size, "content");
+    if (!value)
+        value = s_json_find_key (json, size, "text");
+    return value && end - value >= 2 && value[0] == '"' && value[1] != '"';
+}
+
 //  End (one past) of the JSON object or array starting at p, scanning at most
 //  max bytes; NULL if it does not close within them.
 static const char *
@@ -382,10 +418,11 @@ s_json_container_end (const char *p, const char *end, size_t max)
     return NULL;
 }
 
-//  Read a usage object (JSON text from p to end) into usage[3]. Returns 0,
-//  or -1 if there is none or it is malformed.
+//  Read a usage object (JSON text from p to end) into usage[4] (prompt,
+//  completion, total, cached: prompt_tokens_details.cached_tokens). Returns
+//  0, or -1 if there is none or it is malformed.
 static int
-s_usage_parse (const char *p, const char *end, uint64_t usage[3])
+s_usage_parse (const char *p, const char *end, uint64_t usage[4])
 {
     const char *stop = s_json_container_end (p, end, USAGE_MAX);
     if (!stop || *p != '{')
@@ -400,7 +437,7 @@ s_usage_parse (const char *p, const char *end, uint64_t usage[3])
         gw_mreader_init (&reader, sbuf.data, sbuf.size);
         gw_mvalue_t map, key, value;
         if (gw_mreader_next (&reader, &map) == 0 && map.type == GW_MP_MAP) {
-            usage[0] = usage[1] = usage[2] = 0;
+            usage[0] = usage[1] = usage[2] = usage[3] = 0;
             for (uint32_t i = 0; i < map.v.count; i++) {
                 if (gw_mreader_next (&reader, &key) || key.type != GW_MP_STR)
                     break;
@@ -421,6 +458,15 @@ s_usage_parse (const char *p, const char *end, uint64_t usage[3])
                     reader.pos = at;
                     if (gw_mreader_skip (&reader, JSON_DEPTH_MAX))
                         break;
+                    gw_mreader_t sub;
+                    gw_mvalue_t cached;
+                    gw_mreader_init (&sub, at, (size_t)(reader.pos - at));
+                    if (value.type == GW_MP_MAP &&
+                        (gw_mvalue_streq (&key, "prompt_tokens_details") ||
+                            gw_mvalue_streq (&key, "input_tokens_details")) &&
+                        gw_mreader_find (&sub, "cached_tokens") == 0 &&
+                        gw_mreader_next (&sub, &cached) == 0 && cached.type == GW_MP_UINT)
+                        usage[3] = cached.v.u;
                 }
             }
             if (usage[2] == 0)
@@ -584,6 +630,7 @@ s_channel_read (gw_mreader_t *reader, uint32_t pairs, s_op_t op, s_channel_t *ch
     const char *id = NULL, *base = NULL, *key = NULL, *model = NULL, *type = NULL;
     uint32_t id_size = 0, base_size = 0, key_size = 0, model_size = 0, type_size = 0;
     uint64_t timeout = 0;
+    bool drain = false;
     for (uint32_t i = 0; i < pairs; i++) {
         gw_mvalue_t name, value;
         if (gw_mreader_next (reader, &name))
@@ -613,6 +660,8 @@ s_channel_read (gw_mreader_t *reader, uint32_t pairs, s_op_t op, s_channel_t *ch
         }
         else if (value.type == GW_MP_UINT && gw_mvalue_streq (&name, "timeout_ms"))
             timeout = value.v.u;
+        if (value.type == GW_MP_STR && gw_mvalue_streq (&name, "disconnect"))
+            drain = s_streq (value.ptr, value.size, "drain");
     }
     if (!id || id_size == 0 || id_size > 128 || !base || base_size > 2048 || !model ||
         model_size == 0 || model_size > 256 || key_size > 4096)
@@ -647,6 +696,7 @@ s_channel_read (gw_mreader_t *reader, uint32_t pairs, s_op_t op, s_channel_t *ch
     }
     free (key_text);
     channel->https = https;
+    channel->drain = drain;
     channel->timeout_ms =
         timeout > 0 && timeout < 86400000 ? (uint32_t)timeout : TIMEOUT_DEFAULT;
     return 0;
@@ -777,10 +827,90 @@ s_final_envelope (s_request_t *req, bool json_body)
     return frame;
 }
 
+//  An envelope with what a response needs before its FINAL: ann.headers
+//  (copied from the request envelope: ratelimit's x-ratelimit-*) and
+//  ann.channel. NULL when there is neither.
+static zframe_t *
+s_head_envelope (gw_envelope_t *request, const char *channel)
+{
+    size_t size = 0;
+    const void *headers =
+        request ? gw_envelope_ann_raw (request, "headers", &size) : NULL;
+    if (!headers && !channel)
+        return NULL;
+    gw_envelope_t *env = gw_envelope_new ();
+    if (headers)
+        gw_envelope_set_ann_raw (env, "headers", headers, size);
+    if (channel)
+        gw_envelope_set_ann_str (env, "channel", channel);
+    zframe_t *frame = gw_envelope_encode (env);
+    gw_envelope_destroy (&env);
+    return frame;
+}
+
+//  Error FINAL for a request that never reached the table (no attempt was
+//  made), carrying ann.headers (STAGES.md §6.1) when env has them.
+static void
+s_error_env (s_bridge_t *self, const uint8_t *rid, gw_envelope_t *env, uint16_t status,
+    const char *type, const char *code, const char *message)
+{
+    zframe_t *envelope = s_head_envelope (env, NULL);
+    zframe_t *body = gw_msg_error_body (type, code, message);
+    gw_worker_final (self->worker, rid, status, &envelope, &body);
+}
+
+//  The usage event of a request that reached a backend (STAGES.md §6.2),
+//  into the spool. Usage: what the provider reported; else, when the client
+//  went away (499), the deadline cut a stream (504), or a provider answered
+//  200 without usage, the gateway's own count (prompt estimate + content
+//  chunks streamed), marked estimated; else (the upstream failed) none.
+static void
+s_produce (s_request_t *req, uint16_t status)
+{
+    s_bridge_t *self = req->bridge;
+    if (!self->usage || req->attempts == 0)
+        return;
+    uint64_t prompt = 0, completion = 0, cached = 0;
+    bool estimated = false;
+    if (req->has_usage) {
+        prompt = req->usage[0];
+        completion = req->usage[1];
+        cached = req->usage[3];
+    }
+    else if (status == 200 || status == 499 || (status == 504 && req->partials)) {
+        prompt = req->prompt_est;
+        completion = req->chunks;
+        estimated = true;
+    }
+    msgpack_sbuffer sbuf;
+    msgpack_sbuffer_init (&sbuf);
+    gw_usage_event_pack (&sbuf, req->rid, req->envelope, s_channel_id (req), prompt,
+        completion, cached, estimated, status);
+    if (gw_usage_submit (self->usage, req->rid, sbuf.data, sbuf.size) == 0)
+        self->n_events++;
+    else {
+        //  Cannot happen while admission keeps room (see s_on_request),
+        //  except when the spool file cannot be written.
+        char hex[33];
+        gw_rid_hex (req->rid, hex);
+        self->n_event_errors++;
+        gw_error ("bridge: usage event of %s NOT spooled (status %u, %" PRIu64 "+%" PRIu64
+                  " tokens): the spool is full or unwritable",
+            hex, status, prompt, completion);
+    }
+    msgpack_sbuffer_destroy (&sbuf);
+}
+
 static void
 s_final (s_request_t *req, uint16_t status, zframe_t *body, bool json_body)
 {
     s_bridge_t *self = req->bridge;
+    if (req->client_gone && status < 400) {
+        //  Drained after a CANCEL: the broker drops this FINAL; the status
+        //  is for the usage event and the log.
+        status = 499;
+        zframe_destroy (&body);
+    }
     zframe_t *envelope = s_final_envelope (req, json_body);
     if (self->verbose || status >= 500)
         gw_log (status >= 500 ? GW_LOG_WARN : GW_LOG_INFO, NULL,
@@ -790,6 +920,7 @@ s_final (s_request_t *req, uint16_t status, zframe_t *body, bool json_body)
             status >= 400 ? req->fail_msg : "");
     gw_worker_final (self->worker, req->rid, status, &envelope, &body);
     req->finished = true;
+    s_produce (req, status);
 }
 
 static void
@@ -949,6 +1080,10 @@ s_channel_pick (s_request_t *req)
 static void
 s_attempt_next (s_request_t *req)
 {
+    if (req->client_gone) {
+        s_final (req, 499, NULL, false);  //  nobody waits for a failover
+        return;
+    }
     while (true) {
         if (req->deadline && gw_time_ms () >= req->deadline) {
             s_final_error (req, 504, "gateway_error", "deadline_exceeded",
@@ -989,11 +1124,51 @@ s_attempt_next (s_request_t *req)
 
 //  Send one SSE event as a PARTIAL; hold it if the window is exhausted.
 //  Returns 0, or -1 if the session refused it (client gone).
+//  Send one PARTIAL; the first carries an envelope with ann.headers and
+//  ann.channel, so the client can send the stream's response headers.
+static int
+s_partial (s_request_t *req, const char *data, size_t size)
+{
+    s_bridge_t *self = req->bridge;
+    if (req->partials > 0)
+        return gw_worker_partial (self->worker, req->rid, data, size);
+    zframe_t *envelope = s_head_envelope (req->envelope, s_channel_id (req));
+    int rc = gw_worker_partial_env (self->worker, req->rid, data, size, &envelope);
+    zframe_destroy (&envelope);
+    return rc;
+}
+
+//  True if a client disconnect drains this request (AIGW_DISCONNECT=drain,
+//  or the current channel's plan entry says "disconnect": "drain").
+static bool
+s_drains (s_request_t *req)
+{
+    return req->bridge->drain || (req->channel >= 0 && req->channels[req->channel].drain);
+}
+
+//  The client went away and the request drains: send nothing more, drop
+//  what is held, let the transfer run to the provider's final usage.
+static void
+s_client_gone (s_request_t *req)
+{
+    if (req->client_gone)
+        return;
+    req->client_gone = true;
+    req->bridge->n_cancels++;
+    free (req->held);
+    req->held = NULL;
+    if (req->paused && req->easy) {
+        req->paused = false;
+        curl_easy_pause (req->easy, CURLPAUSE_CONT);
+    }
+}
+
 static int
 s_emit (s_request_t *req, const char *data, size_t size)
 {
-    s_bridge_t *self = req->bridge;
-    int rc = gw_worker_partial (self->worker, req->rid, data, size);
+    if (req->client_gone)
+        return 0;  //  draining for the usage: nobody reads
+    int rc = s_partial (req, data, size);
     if (rc == GW_OK) {
         req->partials++;
         if (req->partials == 1)
@@ -1005,6 +1180,10 @@ s_emit (s_request_t *req, const char *data, size_t size)
         assert (req->held);
         memcpy (req->held, data, size);
         req->held_size = size;
+        return 0;
+    }
+    if (s_drains (req)) {
+        s_client_gone (req);
         return 0;
     }
     req->abort_cancel = true;
@@ -1057,6 +1236,10 @@ s_on_event (s_request_t *req, gw_sse_event_t *event)
                 return 0;
         }
     }
+    //  About one completion token per chunk that carries text: the role
+    //  chunk ("content":"") and usage chunks carry none.
+    if (s_has_text (event->data, event->size))
+        req->chunks++;
     if (event->wire)
         return s_emit (req, event->wire, event->wire_size);
     //  Multi-line data: one "data:" line per line.
@@ -1154,17 +1337,16 @@ s_on_write (char *data, size_t size, size_t nmemb, void *userp)
 static void
 s_flush (s_request_t *req)
 {
-    s_bridge_t *self = req->bridge;
     if (!req->stream || !req->sse)
         return;
     if (req->held) {
-        int rc = gw_worker_partial (self->worker, req->rid, req->held, req->held_size);
+        int rc = s_partial (req, req->held, req->held_size);
         if (rc == GW_AGAIN)
             return;
         free (req->held);
         req->held = NULL;
         if (rc != GW_OK) {
-            s_execute (req, E_CANCEL);
+            s_execute (req, E_CANCEL);  //  drains, or ends with 499
             return;
         }
         req->partials++;
@@ -1269,6 +1451,10 @@ s_execute (s_request_t *req, s_event_t event)
             s_state_names[req->state]);
         return;
     }
+    if (event == E_CANCEL && req->state != S_DRAINING && req->easy && s_drains (req)) {
+        s_client_gone (req);  //  read on to the provider's usage
+        return;
+    }
     unsigned actions = t->actions;
     const char *channel = s_channel_id (req);
     int64_t now = gw_mono_ms ();
@@ -1342,10 +1528,21 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
     else if (op && streq (op, "embeddings"))
         kind = OP_EMBEDDINGS;
     else {
-        gw_envelope_destroy (&env);
-        gw_worker_error (self->worker, rid, 400, "invalid_request_error",
+        s_error_env (self, rid, env, 400, "invalid_request_error",
             "unsupported_operation",
             "the bridge serves chat, completions and embeddings");
+        gw_envelope_destroy (&env);
+        return;
+    }
+    if (self->usage &&
+        gw_usage_pending (self->usage) + zhashx_size (self->requests) >=
+            self->spool_max) {
+        //  Backpressure: every request taken must be able to spool its
+        //  usage event, and billing is not keeping up (or is down).
+        self->n_refused++;
+        s_error_env (self, rid, env, 503, "api_error", "usage_spool_full",
+            "the gateway cannot record usage right now (billing is behind); retry later");
+        gw_envelope_destroy (&env);
         return;
     }
     s_request_t *req = (s_request_t *)zmalloc (sizeof (s_request_t));
@@ -1383,6 +1580,7 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
         //  Validate the body once: later attempts only change the model.
         if (s_body_json (req, req->channels[0].model, &req->upbody))
             problem = "the request body must be a JSON object";
+        req->prompt_est = (req->upbody.size + 3) / 4;
         req->upbody.size = 0;
     }
     if (!problem && req->deadline && gw_time_ms () >= req->deadline) {
@@ -1391,7 +1589,7 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
         code = "deadline_exceeded";
     }
     if (problem) {
-        gw_worker_error (self->worker, rid, status,
+        s_error_env (self, rid, req->envelope, status,
             status == 400 ? "invalid_request_error" : "gateway_error", code, problem);
         s_request_destroy (&req);
         return;
@@ -1433,7 +1631,8 @@ s_sweep (s_bridge_t *self)
     s_request_t *req = (s_request_t *)zhashx_first (self->requests);
     while (req) {
         bool expired = req->deadline && now >= req->deadline;
-        bool forgotten = gw_worker_cancelled (self->worker, req->rid);
+        bool forgotten =
+            !req->client_gone && gw_worker_cancelled (self->worker, req->rid);
         bool slow = req->stream && req->state == S_ATTEMPT && req->easy &&
             !req->got_byte &&
             mono - req->attempt_at >= req->channels[req->channel].timeout_ms;
@@ -1450,7 +1649,7 @@ s_sweep (s_bridge_t *self)
     while (req) {
         if (req->deadline && now >= req->deadline)
             s_execute (req, E_EXPIRED);
-        else if (gw_worker_cancelled (self->worker, req->rid))
+        else if (!req->client_gone && gw_worker_cancelled (self->worker, req->rid))
             s_execute (req, E_CANCEL);
         else {
             s_note_failure (req, true, true, "no response within %u ms",
@@ -1544,6 +1743,10 @@ s_bridge_new (zsock_t *pipe)
     self->body_max = GW_BODY_MAX_DEFAULT;
     self->event_max = 1024 * 1024;
     self->timer_at = -1;
+    self->billing = true;
+    self->spool_dir = strdup ("var/spool");
+    self->spool_max = 100000;
+    self->billing_service = strdup ("billing");
     self->requests = gw_rid_map_new (s_request_free);
     self->breakers = gw_breaker_new (self->breaker_failures, self->breaker_cooldown);
     self->multi = curl_multi_init ();
@@ -1578,6 +1781,9 @@ s_bridge_destroy (s_bridge_t **self_p)
     free (self->items);
     gw_breaker_destroy (&self->breakers);
     gw_worker_destroy (&self->worker);
+    gw_usage_destroy (&self->usage);
+    free (self->spool_dir);
+    free (self->billing_service);
     free (self);
     *self_p = NULL;
 }
@@ -1587,6 +1793,26 @@ s_configure (s_bridge_t *self, const char *key, const char *value)
 {
     if (!key || !value || !*value)
         return -1;
+    if (streq (key, "disconnect")) {
+        if (!streq (value, "cancel") && !streq (value, "drain"))
+            return -1;
+        self->drain = streq (value, "drain");
+        return 0;
+    }
+    if (streq (key, "spool_dir")) {
+        if (strlen (value) > 512)
+            return -1;
+        free (self->spool_dir);
+        self->spool_dir = strdup (value);
+        return 0;
+    }
+    if (streq (key, "billing_service")) {
+        if (!gw_msg_service_valid (value, strlen (value)))
+            return -1;
+        free (self->billing_service);
+        self->billing_service = strdup (value);
+        return 0;
+    }
     char *end = NULL;
     long long number = strtoll (value, &end, 10);
     if (*end || number < 0)
@@ -1617,6 +1843,12 @@ s_configure (s_bridge_t *self, const char *key, const char *value)
         self->heartbeat = (int)number;
     else if (streq (key, "expiry") && number >= 20 && number <= 600000)
         self->expiry = (int)number;
+    else if (streq (key, "billing") && number <= 1)
+        self->billing = number == 1;
+    else if (streq (key, "spool_max") && number >= 1 && number <= 10000000)
+        self->spool_max = (size_t)number;
+    else if (streq (key, "spool_fsync") && number <= 1)
+        self->spool_fsync = number == 1;
     else
         return -1;
     return 0;
@@ -1644,6 +1876,18 @@ s_pipe_command (s_bridge_t *self)
             self->worker = gw_worker_new (arg1, "bridge", self->capacity, 0);
         if (self->worker && self->heartbeat && self->expiry)
             gw_worker_set_heartbeat (self->worker, self->heartbeat, self->expiry);
+        if (self->worker && self->billing && !self->usage) {
+            //  Money must not be lost: no spool, no bridge.
+            self->usage = gw_usage_new (
+                arg1, self->billing_service, self->spool_dir, "bridge", self->spool_max);
+            if (self->usage) {
+                gw_usage_set_fsync (self->usage, self->spool_fsync);
+                if (self->heartbeat && self->expiry)
+                    gw_usage_set_heartbeat (self->usage, self->heartbeat, self->expiry);
+            }
+            else
+                gw_worker_destroy (&self->worker);
+        }
         zsock_signal (self->pipe, self->worker ? 0 : 1);
     }
     else if (streq (command, "VERBOSE"))
@@ -1656,12 +1900,17 @@ s_pipe_command (s_bridge_t *self)
             paused += req->paused;
             req = (s_request_t *)zhashx_next (self->requests);
         }
+        char usage[256] = "pending=0";
+        if (self->usage)
+            gw_usage_stats (self->usage, usage, sizeof (usage));
         zstr_sendf (self->pipe,
             "inflight=%zu transfers=%d held=%zu paused=%zu attempts=%" PRIu64
-            " retries=%" PRIu64 " cancels=%" PRIu64 " sockets=%zu pool=%zu breakers=%zu",
+            " retries=%" PRIu64 " cancels=%" PRIu64 " sockets=%zu pool=%zu breakers=%zu"
+            " events=%" PRIu64 " event_errors=%" PRIu64 " refused=%" PRIu64 " usage:%s",
             zhashx_size (self->requests), self->running, held, paused, self->n_attempts,
             self->n_retries, self->n_cancels, self->sock_count, self->pool_size,
-            gw_breaker_size (self->breakers));
+            gw_breaker_size (self->breakers), self->n_events, self->n_event_errors,
+            self->n_refused, usage);
     }
     else
         gw_warn ("bridge: unknown command %s", command);
@@ -1675,7 +1924,7 @@ s_pipe_command (s_bridge_t *self)
 static size_t
 s_poll_set (s_bridge_t *self)
 {
-    size_t need = self->sock_count + 2;
+    size_t need = self->sock_count + 3;
     if (need > self->item_cap) {
         size_t cap = self->item_cap ? self->item_cap : 64;
         while (cap < need)
@@ -1692,6 +1941,9 @@ s_poll_set (s_bridge_t *self)
     if (self->worker)
         items[count++] = (zmq_pollitem_t){
             zsock_resolve (gw_worker_socket (self->worker)), 0, ZMQ_POLLIN, 0};
+    if (self->usage)
+        items[count++] = (zmq_pollitem_t){
+            zsock_resolve (gw_usage_socket (self->usage)), 0, ZMQ_POLLIN, 0};
     for (size_t i = 0; i < self->sock_count; i++) {
         s_sock_t *sock = self->socks[i];
         short events = 0;
@@ -1713,6 +1965,11 @@ s_poll_timeout (s_bridge_t *self, int64_t now)
         if (worker < timeout)
             timeout = worker;
     }
+    if (self->usage) {
+        int usage = gw_usage_timeout (self->usage);
+        if (usage < timeout)
+            timeout = usage;
+    }
     if (self->timer_at >= 0 && self->timer_at - now < timeout)
         timeout = self->timer_at - now;
     if (zhashx_size (self->requests) && self->sweep_at - now < timeout)
@@ -1727,7 +1984,7 @@ gw_bridge_actor (zsock_t *pipe, void *args)
     zsock_signal (pipe, 0);
     while (!self->terminated) {
         size_t count = s_poll_set (self);
-        int first_sock = self->worker ? 2 : 1;
+        int first_sock = 1 + (self->worker != NULL) + (self->usage != NULL);
         int rc = zmq_poll (self->items, (int)count, s_poll_timeout (self, gw_mono_ms ()));
         if (rc < 0 && zmq_errno () != EINTR)
             break;  //  context terminated
@@ -1766,6 +2023,8 @@ gw_bridge_actor (zsock_t *pipe, void *args)
             }
             gw_worker_tick (self->worker);
             s_reap (self);
+            if (self->usage)
+                gw_usage_run (self->usage);
             int64_t now = gw_mono_ms ();
             if (now >= self->sweep_at) {
                 self->sweep_at = now + SWEEP_MS;
@@ -1904,10 +2163,13 @@ typedef struct {
     bool include_usage;  //  ann.include_usage
     uint32_t window;  //  stream window, 0 = unlimited
     int64_t deadline;  //  unix ms, 0 = now + 10 s
+    bool limits;  //  tenant, ann.rl and ann.headers as ratelimit writes them
 } s_call_t;
 
 typedef struct {
+    uint8_t rid[16];  //  request id (s_call)
     zlistx_t *partials;  //  payloads (char *, NUL-terminated)
+    gw_envelope_t *head;  //  envelope of the first PARTIAL, or NULL
     uint16_t status;  //  FINAL status, 0 if none
     gw_envelope_t *envelope;  //  FINAL envelope
     char *body;  //  FINAL body: JSON text (json ctype or converted msgpack)
@@ -1925,6 +2187,7 @@ s_result_clear (s_result_t *result)
         zlistx_destroy (&result->partials);
     }
     gw_envelope_destroy (&result->envelope);
+    gw_envelope_destroy (&result->head);
     free (result->body);
     memset (result, 0, sizeof (*result));
 }
@@ -1946,6 +2209,19 @@ s_send_call (gw_client_t *client, const s_call_t *call, uint8_t rid[16])
     zframe_destroy (&plan);
     gw_envelope_set_ann_raw (
         env, "include_usage", call->include_usage ? "\xc3" : "\xc2", 1);
+    if (call->limits) {
+        gw_envelope_set_model (env, "alias");
+        gw_envelope_set_tenant_str (env, "key", "ab12cd34");
+        gw_envelope_set_tenant_str (env, "user", "alice");
+        zframe_t *rl = s_pack_json ("{\"hold\":309,\"est_tokens\":106,\"lease\":true,"
+                                    "\"scopes\":[\"key:ab12cd34\"]}");
+        gw_envelope_set_ann_raw (env, "rl", zframe_data (rl), zframe_size (rl));
+        zframe_destroy (&rl);
+        zframe_t *headers = s_pack_json ("{\"x-ratelimit-remaining-requests\":\"9\"}");
+        gw_envelope_set_ann_raw (
+            env, "headers", zframe_data (headers), zframe_size (headers));
+        zframe_destroy (&headers);
+    }
     int64_t deadline = call->deadline ? call->deadline : gw_time_ms () + 10000;
     gw_envelope_set_deadline (env, (uint64_t)deadline);
     zframe_t *envelope = gw_envelope_encode (env);
@@ -1980,6 +2256,14 @@ s_collect (gw_client_t *client, const uint8_t rid[16], s_result_t *result, int t
             continue;
         if (memcmp (gw_msg_rid (msg), rid, 16) == 0) {
             if (gw_msg_id (msg) == GW_MSG_PARTIAL) {
+                zframe_t *head = gw_msg_envelope (msg);
+                if (head && zlistx_size (result->partials) == 0) {
+                    result->head = gw_envelope_new ();
+                    assert (gw_envelope_decode (result->head, zframe_data (head),
+                                zframe_size (head)) == 0);
+                }
+                else
+                    assert (!head);  //  only the first PARTIAL has one
                 zframe_t *payload = gw_msg_body (msg);
                 zlistx_add_end (
                     result->partials, payload ? zframe_strdup (payload) : strdup (""));
@@ -2022,7 +2306,114 @@ s_call (gw_client_t *client, const s_call_t *call, s_result_t *result)
     uint8_t rid[16];
     s_send_call (client, call, rid);
     s_collect (client, rid, result, 8000);
+    memcpy (result->rid, rid, 16);
     assert (result->status);
+}
+
+//  Fake billing: acknowledges every usage event (or answers 503 while told
+//  to), keeps a summary per event rid; "GET <hex>" answers it ("" if none),
+//  "MODE <status>" sets the answer.
+static void
+s_billing_actor (zsock_t *pipe, void *args)
+{
+    gw_worker_t *worker = gw_worker_new ((const char *)args, "billing.bt", 64, 0);
+    assert (worker);
+    zhashx_t *events = zhashx_new ();
+    zhashx_set_destructor (events, (zhashx_destructor_fn *)zstr_free);
+    int mode = 200;
+    zsock_signal (pipe, 0);
+    while (true) {
+        zmq_pollitem_t items[] = {{zsock_resolve (pipe), 0, ZMQ_POLLIN, 0},
+            {zsock_resolve (gw_worker_socket (worker)), 0, ZMQ_POLLIN, 0}};
+        zmq_poll (items, 2, gw_worker_timeout (worker));
+        if (items[0].revents & ZMQ_POLLIN) {
+            char *command = NULL, *arg = NULL;
+            zstr_recvx (pipe, &command, &arg, NULL);
+            bool term = !command || streq (command, "$TERM");
+            if (command && streq (command, "GET")) {
+                const char *summary =
+                    arg ? (const char *)zhashx_lookup (events, arg) : NULL;
+                zstr_send (pipe, summary ? summary : "");
+            }
+            else if (command && streq (command, "MODE") && arg)
+                mode = atoi (arg);
+            zstr_free (&command);
+            zstr_free (&arg);
+            if (term)
+                break;
+        }
+        gw_worker_tick (worker);
+        gw_msg_t *msg;
+        while ((msg = gw_worker_recv (worker))) {
+            if (gw_msg_id (msg) == GW_MSG_REQUEST && mode != 200)
+                gw_worker_error (
+                    worker, gw_msg_rid (msg), (uint16_t)mode, NULL, NULL, "x");
+            else if (gw_msg_id (msg) == GW_MSG_REQUEST) {
+                zframe_t *body = gw_msg_body (msg);
+                char hex[33] = "";
+                uint64_t fields[3] = {0, 0, 0};  //  status, prompt, completion
+                bool estimated = false;
+                char channel[64] = "-", user[64] = "-";
+                gw_mreader_t reader;
+                gw_mvalue_t map, key, value;
+                gw_mreader_init (&reader, zframe_data (body), zframe_size (body));
+                assert (gw_mreader_next (&reader, &map) == 0 && map.type == GW_MP_MAP);
+                for (uint32_t i = 0; i < map.v.count; i++) {
+                    const uint8_t *at;
+                    assert (gw_mreader_next (&reader, &key) == 0);
+                    at = reader.pos;
+                    assert (gw_mreader_next (&reader, &value) == 0);
+                    if (value.type == GW_MP_ARRAY || value.type == GW_MP_MAP) {
+                        reader.pos = at;
+                        assert (gw_mreader_skip (&reader, 8) == 0);
+                    }
+                    if (gw_mvalue_streq (&key, "rid") && value.type == GW_MP_BIN)
+                        gw_rid_hex ((const uint8_t *)value.ptr, hex);
+                    else if (gw_mvalue_streq (&key, "status"))
+                        fields[0] = value.v.u;
+                    else if (gw_mvalue_streq (&key, "prompt_tokens"))
+                        fields[1] = value.v.u;
+                    else if (gw_mvalue_streq (&key, "completion_tokens"))
+                        fields[2] = value.v.u;
+                    else if (gw_mvalue_streq (&key, "estimated"))
+                        estimated = value.v.b;
+                    else if (gw_mvalue_streq (&key, "channel"))
+                        snprintf (channel, sizeof (channel), "%.*s", (int)value.size,
+                            value.ptr);
+                    else if (gw_mvalue_streq (&key, "user"))
+                        snprintf (
+                            user, sizeof (user), "%.*s", (int)value.size, value.ptr);
+                }
+                char *summary = zsys_sprintf ("status=%" PRIu64 " prompt=%" PRIu64
+                                              " completion=%" PRIu64
+                                              " estimated=%d channel=%s user=%s",
+                    fields[0], fields[1], fields[2], estimated, channel, user);
+                zhashx_update (events, hex, summary);
+                gw_worker_final (worker, gw_msg_rid (msg), 200, NULL, NULL);
+            }
+            gw_msg_destroy (&msg);
+        }
+    }
+    zhashx_destroy (&events);
+    gw_worker_destroy (&worker);
+}
+
+//  The fake billing's summary of the usage event of rid, waiting up to 3 s
+//  for it (caller frees; "" if none came).
+static char *
+s_event_of (zactor_t *billing, const uint8_t rid[16])
+{
+    char hex[33];
+    gw_rid_hex (rid, hex);
+    int64_t end = gw_mono_ms () + 3000;
+    while (true) {
+        zstr_sendx (billing, "GET", hex, NULL);
+        char *summary = zstr_recv (billing);
+        if (*summary || gw_mono_ms () >= end)
+            return summary;
+        zstr_free (&summary);
+        zclock_sleep (10);
+    }
 }
 
 static uint64_t
@@ -2069,11 +2460,15 @@ s_unit_tests (void)
     assert (s_json_find_key ("\"usage\"", 7, "usage") == NULL);
     assert (s_json_find_key ("", 0, "usage") == NULL);
     //  s_usage_parse
-    uint64_t usage[3];
+    uint64_t usage[4];
     json = "{\"prompt_tokens\":2,\"completion_tokens\":5,\"total_tokens\":7,"
            "\"details\":{\"cached\":[1,2]}} trailing";
     assert (s_usage_parse (json, json + strlen (json), usage) == 0);
-    assert (usage[0] == 2 && usage[1] == 5 && usage[2] == 7);
+    assert (usage[0] == 2 && usage[1] == 5 && usage[2] == 7 && usage[3] == 0);
+    json = "{\"prompt_tokens\":20,\"prompt_tokens_details\":{\"audio_tokens\":0,"
+           "\"cached_tokens\":12},\"completion_tokens\":1}";
+    assert (s_usage_parse (json, json + strlen (json), usage) == 0);
+    assert (usage[0] == 20 && usage[3] == 12 && usage[2] == 21);
     json = "{\"prompt_tokens\":3}";
     assert (s_usage_parse (json, json + strlen (json), usage) == 0);
     assert (usage[0] == 3 && usage[1] == 0 && usage[2] == 3);
@@ -2112,10 +2507,21 @@ gw_bridge_test (bool verbose)
     char *endpoint = zstr_recv (broker);
     assert (endpoint && *endpoint);
 
+    zactor_t *billing = zactor_new (s_billing_actor, endpoint);
+    assert (billing);
+    char spool[96];
+    snprintf (spool, sizeof (spool), "/tmp/aigw-bridge-spool-%d", (int)getpid ());
+
     zactor_t *bridge = zactor_new (gw_bridge_actor, NULL);
     assert (bridge);
     if (verbose)
         zstr_send (bridge, "VERBOSE");
+    zstr_sendx (bridge, "CONFIGURE", "spool_dir", spool, NULL);
+    assert (zsock_wait (bridge) == 0);
+    zstr_sendx (bridge, "CONFIGURE", "billing_service", "billing.bt", NULL);
+    assert (zsock_wait (bridge) == 0);
+    zstr_sendx (bridge, "CONFIGURE", "disconnect", "sometimes", NULL);
+    assert (zsock_wait (bridge) == 1);
     zstr_sendx (bridge, "CONFIGURE", "breaker_cooldown_ms", "400", NULL);
     assert (zsock_wait (bridge) == 0);
     zstr_sendx (bridge, "CONFIGURE", "capacity", "64", NULL);
@@ -2184,7 +2590,71 @@ gw_bridge_test (bool verbose)
     assert (!strstr (stats, "\"model\":\"alias\""));
     assert (!strstr (stats, "stream_options"));
     free (stats);
+    //  ... and its usage event went to billing, exact.
+    char *event = s_event_of (billing, result.rid);
+    if (verbose)
+        printf ("\n   event: %s\n", event);
+    assert (streq (
+        event, "status=200 prompt=3 completion=5 estimated=0 channel=a user=anonymous"));
+    zstr_free (&event);
     s_result_clear (&result);
+
+    //  1b. Limits: the first PARTIAL carries ann.headers (ratelimit's) and
+    //  ann.channel; so does the FINAL; the event names the user.
+    s_mock_config (&mock_a, NULL);
+    s_call (client,
+        &(s_call_t){.plan = plan_a, .body = chat_stream, .stream = true, .limits = true},
+        &result);
+    assert (result.status == 200);
+    assert (result.head);
+    assert (streq (gw_envelope_ann_str (result.head, "channel"), "a"));
+    assert (gw_envelope_ann_raw (result.head, "headers", NULL));
+    assert (gw_envelope_ann_raw (result.envelope, "headers", NULL));
+    event = s_event_of (billing, result.rid);
+    assert (streq (
+        event, "status=200 prompt=3 completion=5 estimated=0 channel=a user=alice"));
+    zstr_free (&event);
+    s_result_clear (&result);
+    //  ... and an error before any attempt carries ann.headers, no event.
+    s_call (client, &(s_call_t){.plan = "[{\"id\":\"x\"}]", .body = chat, .limits = true},
+        &result);
+    assert (result.status == 500);
+    assert (gw_envelope_ann_raw (result.envelope, "headers", NULL));
+    zclock_sleep (50);
+    char hex[33];
+    gw_rid_hex (result.rid, hex);
+    zstr_sendx (billing, "GET", hex, NULL);
+    event = zstr_recv (billing);
+    assert (streq (event, ""));
+    zstr_free (&event);
+    s_result_clear (&result);
+
+    //  1c. Billing refuses (503): the event is kept and resent until acked;
+    //  a full spool refuses new requests with 503 (backpressure).
+    zstr_sendx (billing, "MODE", "503", NULL);
+    zstr_sendx (bridge, "CONFIGURE", "spool_max", "1", NULL);
+    assert (zsock_wait (bridge) == 0);
+    s_call (client, &(s_call_t){.plan = plan_a, .body = chat}, &result);
+    assert (result.status == 200);
+    uint8_t owed[16];
+    memcpy (owed, result.rid, 16);
+    s_result_clear (&result);
+    zclock_sleep (300);
+    char *bstats = s_stats (bridge);
+    if (verbose)
+        printf ("   (%s)\n", bstats);
+    assert (strstr (bstats, "pending=1 "));
+    zstr_free (&bstats);
+    s_call (client, &(s_call_t){.plan = plan_a, .body = chat}, &result);
+    assert (result.status == 503);
+    assert (strstr (result.body, "usage_spool_full"));
+    s_result_clear (&result);
+    zstr_sendx (billing, "MODE", "200", NULL);
+    event = s_event_of (billing, owed);
+    assert (strstr (event, "status=200 "));
+    zstr_free (&event);
+    zstr_sendx (bridge, "CONFIGURE", "spool_max", "100000", NULL);
+    assert (zsock_wait (bridge) == 0);
 
     //  2. Stream, client asked for usage: every event, then [DONE], FINAL 200.
     s_mock_config (&mock_a, NULL);
@@ -2360,10 +2830,44 @@ gw_bridge_test (bool verbose)
     assert (seen);
     s_result_clear (&result);
     zclock_sleep (50);
-    char *bstats = s_stats (bridge);
+    bstats = s_stats (bridge);
     assert (strstr (bstats, "inflight=0 "));
     assert (strstr (bstats, "cancels=1 "));
     zstr_free (&bstats);
+    //  ... billed with the gateway's estimate: prompt bytes / 4, one token
+    //  per content chunk streamed (role chunk + tokens so far).
+    event = s_event_of (billing, rid);
+    if (verbose)
+        printf ("\n   cancel event: %s\n", event);
+    assert (strstr (event, "status=499 prompt=") && strstr (event, "estimated=1 "));
+    assert (!strstr (event, "completion=0 ") && !strstr (event, "completion=1 "));
+    zstr_free (&event);
+
+    //  11b. Drain (the channel's "disconnect": "drain"): the client goes, the
+    //  bridge reads on to the provider's usage and bills it exactly.
+    char plan_drain[512];
+    snprintf (plan_drain, sizeof (plan_drain),
+        "[{\"id\":\"dr\",\"base\":\"http://127.0.0.1:%d/v1\",\"key\":\"sk-test\","
+        "\"model\":\"mock-gpt\",\"disconnect\":\"drain\"}]",
+        mock_a.port);
+    s_mock_config (&mock_a, "{\"chunks\":20,\"chunk_delay_ms\":20}");
+    s_send_call (client,
+        &(s_call_t){.plan = plan_drain, .body = chat_stream, .stream = true}, rid);
+    result.partials = zlistx_new ();
+    while (zlistx_size (result.partials) < 2 && !result.status)
+        s_collect (client, rid, &result, 100);
+    assert (!result.status);
+    gw_client_cancel (client, rid, 499);
+    event = s_event_of (billing, rid);
+    if (verbose)
+        printf ("   drain event: %s\n", event);
+    assert (streq (event,
+        "status=499 prompt=3 completion=20 estimated=0 channel=dr user=anonymous"));
+    zstr_free (&event);
+    stats = s_http (&mock_a, "/_mock/stats", NULL);
+    assert (strstr (stats, "\"disconnects\":[]"));  //  read to the end
+    free (stats);
+    s_result_clear (&result);
 
     //  12. Credit: window 2 and no CREDIT: 2 PARTIALs, the transfer pauses
     //  (the provider cannot finish); CREDIT lets the rest through.
@@ -2417,7 +2921,9 @@ gw_bridge_test (bool verbose)
 
     gw_client_destroy (&client);
     zactor_destroy (&bridge);
+    zactor_destroy (&billing);
     zactor_destroy (&broker);
+    assert (rmdir (spool) == 0);  //  every event acknowledged: no spool left
     zstr_free (&endpoint);
     s_mock_stop (&mock_a);
     s_mock_stop (&mock_b);

@@ -18,14 +18,22 @@
 //                          connect_timeout_ms (default 5000), body_max (largest
 //                          upstream response, default 32 MiB), event_max
 //                          (largest SSE line/event, default 1 MiB), heartbeat
-//                          and expiry (ms, the bus session's timers).
+//                          and expiry (ms, the bus session's timers), billing
+//                          (1 default: usage events; 0 none), spool_dir
+//                          (var/spool), spool_max (100000), spool_fsync (0),
+//                          billing_service ("billing"), disconnect ("cancel"
+//                          or "drain"; may also be changed after CONNECT).
 //    CONNECT endpoint      open the worker session on the broker at endpoint
-//                          and register as "bridge" (not idempotent); replies
-//                          a signal: 0 done, 1 failed (or already connected).
+//                          and register as "bridge" (not idempotent), and with
+//                          billing on, the usage producer (gw_usage: its own
+//                          client session and spool file); replies a signal:
+//                          0 done, 1 failed (already connected, or the spool
+//                          could not be created).
 //    VERBOSE               log per-attempt decisions at info level.
 //    STATS                 replies one string frame of key=value counters:
 //                          inflight transfers held paused attempts retries
-//                          cancels sockets pool breakers.
+//                          cancels sockets pool breakers events event_errors
+//                          refused, then "usage:" and gw_usage_stats.
 //    $TERM                 end the actor (zactor_destroy sends it); transfers
 //                          in flight are aborted.
 //

@@ -226,6 +226,7 @@ static const char *s_settle_lua =
     "local dt = tonumber(ARGV[3]) - tk\n"
     "local dc = tonumber(ARGV[4]) - c\n"
     "if ARGV[5] == '1' then dt = -tk dc = -c end\n"
+    "if ARGV[5] == '2' then dt = 0 dc = 0 end\n"
     "for i = 0, n - 1 do\n"
     "  local k = 1 + i * 8\n"
     "  local m = tonumber(redis.call('HGET', rec, 'm' .. i)) or 0\n"
@@ -260,7 +261,7 @@ static const char *s_settle_lua =
     "    end\n"
     "  end\n"
     "end\n"
-    "redis.call('HSET', rec, 's', 2)\n"
+    "if ARGV[5] ~= '2' then redis.call('HSET', rec, 's', 2) end\n"
     "return 1\n";
 
 //  --------------------------------------------------------------------------
@@ -919,16 +920,19 @@ s_mem_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
     return 0;
 }
 
-//  Settle or release (release: the usage is ignored).
+//  Settle or release (mode 1: the usage is ignored; mode 2: only the lease
+//  ends, the record stays held).
 static int
 s_mem_settle (gw_limiter_t *self, char keys[][KEY_MAX], const char *rid_hex, double now,
-    s_entry_t *record, int64_t tokens, int64_t cost, bool release)
+    s_entry_t *record, int64_t tokens, int64_t cost, int release)
 {
     int64_t now_ms = (int64_t)floor (now / 1000);
     double dt = (double)(tokens - record->tk);
     double dc = (double)(cost - record->cost);
-    if (release)
+    if (release == 1)
         dt = -(double)record->tk, dc = -(double)record->cost;
+    if (release == 2)
+        dt = 0, dc = 0;
     for (int i = 0; i < record->scopes; i++) {
         char (*k)[KEY_MAX] = keys + 1 + i * KEYS_PER_SCOPE;
         int mask = record->mask[i];
@@ -971,7 +975,8 @@ s_mem_settle (gw_limiter_t *self, char keys[][KEY_MAX], const char *rid_hex, dou
                 entry->num = 0;
         }
     }
-    record->state = 2;
+    if (release != 2)
+        record->state = 2;
     return 1;
 }
 
@@ -1318,7 +1323,7 @@ s_split (char *list, int64_t count, const char **scopes)
 
 static int
 s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t cost,
-    bool release)
+    int release)
 {
     assert (self);
     assert (rid);
@@ -1401,7 +1406,7 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     argv[4 + nkeys] = rid_hex;
     argv[5 + nkeys] = numbers[2];
     argv[6 + nkeys] = numbers[3];
-    argv[7 + nkeys] = release ? "1" : "0";
+    argv[7 + nkeys] = release == 2 ? "2" : release ? "1" : "0";
     size_t argc = 8 + nkeys;
     for (size_t i = 2; i < argc; i++)
         lens[i] = strlen (argv[i]);
@@ -1423,13 +1428,19 @@ int
 gw_limiter_settle (
     gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t cost)
 {
-    return s_finish (self, rid, tokens, cost, false);
+    return s_finish (self, rid, tokens, cost, 0);
 }
 
 int
 gw_limiter_release (gw_limiter_t *self, const uint8_t rid[16])
 {
-    return s_finish (self, rid, 0, 0, true);
+    return s_finish (self, rid, 0, 0, 1);
+}
+
+int
+gw_limiter_unlease (gw_limiter_t *self, const uint8_t rid[16])
+{
+    return s_finish (self, rid, 0, 0, 2);
 }
 
 //  --------------------------------------------------------------------------
@@ -1631,6 +1642,18 @@ s_semantics (gw_limiter_t *self, bool verbose)
     assert (gw_limiter_release (self, lease.rid) == 1);
     gw_rid_new (lease.rid);
     assert (gw_limiter_admit (self, &lease, &result) == 0);
+    //  Unlease (the FINAL went out): the lease ends at once, the hold stays
+    //  for the settle, which still applies once.
+    uint8_t held[16];
+    memcpy (held, lease.rid, 16);
+    assert (gw_limiter_unlease (self, held) == 1);
+    assert (gw_limiter_unlease (self, held) == 1);  //  idempotent
+    gw_rid_new (lease.rid);
+    assert (gw_limiter_admit (self, &lease, &result) == 0);
+    assert (gw_limiter_settle (self, held, 0, 0) == 1);
+    assert (gw_limiter_settle (self, held, 0, 0) == 0);
+    assert (gw_limiter_unlease (self, held) == 0);
+    assert (gw_limiter_release (self, lease.rid) == 1);
     //  Its record expired too (Redis expires keys by its own clock).
     if (self->redis)
         zclock_sleep (1100);

@@ -150,6 +150,11 @@ int gw_limiter_settle (
 //  given back in full. Same returns as settle.
 int gw_limiter_release (gw_limiter_t *self, const uint8_t rid[16]);
 
+//  End rid's concurrency lease only (the request's FINAL went out); the
+//  hold stays until settle or release. Idempotent; returns 1 if rid is
+//  held, 0 if unknown or finished, -1 if the store is unavailable.
+int gw_limiter_unlease (gw_limiter_t *self, const uint8_t rid[16]);
+
 //  "memory" or "redis".
 const char *gw_limiter_backend (gw_limiter_t *self);
 

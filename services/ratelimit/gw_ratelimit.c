@@ -946,6 +946,8 @@ s_unit (int limit)
         return "requests";
     if (limit == GW_LIMIT_TPM || (limit >= GW_LIMIT_TOKENS && limit < GW_LIMIT_COST))
         return "tokens";
+    if (limit == GW_LIMIT_CONCURRENCY)
+        return "requests in flight";
     return "micro-units";
 }
 
@@ -1116,6 +1118,7 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
     uint8_t target[16];
     bool have_rid = false;
     uint64_t tokens = 0, cost = 0;
+    bool lease_only = false;
     bool ok = gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP;
     for (uint32_t i = 0; ok && i < value.v.count; i++) {
         ok = gw_mreader_next (&reader, &key) == 0 && key.type == GW_MP_STR &&
@@ -1140,6 +1143,8 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
             if (ok)
                 *(gw_mvalue_streq (&key, "tokens") ? &tokens : &cost) = item.v.u;
         }
+        else if (gw_mvalue_streq (&key, "lease_only") && item.type == GW_MP_BOOL)
+            lease_only = item.v.b;
         else if (item.type == GW_MP_ARRAY || item.type == GW_MP_MAP) {
             //  Other members (scopes, hold, est_tokens, lease) are in the
             //  limiter's own record; skip their contents.
@@ -1154,8 +1159,12 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
             "cost}.");
         return;
     }
-    int rc = release ? gw_limiter_release (self->stage->limiter, target)
-                     : gw_limiter_settle (self->stage->limiter, target, tokens, cost);
+    //  lease_only (a release from the edge at the FINAL of a request that
+    //  reached a backend): the concurrency lease ends now; the hold waits
+    //  for billing's settle.
+    int rc = release && lease_only ? gw_limiter_unlease (self->stage->limiter, target)
+        : release                  ? gw_limiter_release (self->stage->limiter, target)
+                  : gw_limiter_settle (self->stage->limiter, target, tokens, cost);
     if (rc < 0) {
         gw_worker_error (self->worker, rid, 503, "api_error", "ratelimit_unavailable",
             "The limit store is unavailable; the hold expires by itself.");

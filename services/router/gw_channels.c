@@ -47,6 +47,7 @@ typedef struct {
     uint32_t weight;  //  1..1000
     int32_t priority;  //  higher first, |priority| <= 1e6
     uint32_t timeout_ms;  //  per attempt, 1..3 600 000
+    bool drain;  //  "disconnect": "drain" (else cancel), copied into the plan
 } s_channel_t;
 
 struct _gw_channels_t {
@@ -428,6 +429,16 @@ s_parse_channel (gw_mreader_t *reader, size_t index, s_channel_t **channel_p, ch
                 goto done;
             }
             ch->timeout_ms = (uint32_t)number;
+        }
+        else if (streq (field, "disconnect")) {
+            if (s_read_str (reader, &value) ||
+                !(gw_mvalue_streq (&value, "cancel") ||
+                    gw_mvalue_streq (&value, "drain"))) {
+                gw_fail (error, error_size,
+                    "%s.disconnect: must be \"cancel\" or \"drain\"", where);
+                goto done;
+            }
+            ch->drain = gw_mvalue_streq (&value, "drain");
         }
         else if (streq (field, "enabled")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_BOOL) {
@@ -856,7 +867,7 @@ gw_channels_plan (
             key = ch->keys[ch->key_next % ch->key_count];
             ch->key_next++;
         }
-        msgpack_pack_map (pk, 6);
+        msgpack_pack_map (pk, ch->drain ? 7 : 6);
         gw_mpack_str (pk, "id");
         gw_mpack_str (pk, ch->id);
         gw_mpack_str (pk, "type");
@@ -869,6 +880,10 @@ gw_channels_plan (
         gw_mpack_str (pk, upstream ? upstream : model);
         gw_mpack_str (pk, "timeout_ms");
         msgpack_pack_uint32 (pk, ch->timeout_ms);
+        if (ch->drain) {
+            gw_mpack_str (pk, "disconnect");
+            gw_mpack_str (pk, "drain");
+        }
     }
     return (int)count;
 }
@@ -1004,7 +1019,7 @@ gw_channels_test (bool verbose)
         "  \"weight\":1},\n"
         " {\"id\":\"b\",\"base_url\":\"https://b.test/v1\",\"key\":\"kb\","
         "  \"models\":[\"m\"],\"model_map\":{\"gpt-4o\":\"gpt-4o-2024\"},"
-        "  \"weight\":3,\"timeout_ms\":1234},\n"
+        "  \"weight\":3,\"timeout_ms\":1234,\"disconnect\":\"drain\"},\n"
         " {\"id\":\"c\",\"base_url\":\"http://c.test/v1\",\"models\":[\"m\"],"
         "  \"weight\":6},\n"
         " {\"id\":\"hi\",\"base_url\":\"http://hi.test/v1\","
@@ -1086,6 +1101,9 @@ gw_channels_test (bool verbose)
                 assert (
                     s_plan_field (sbuf.data, sbuf.size, k, "key", model, sizeof (model)));
                 assert (streq (model, "kb"));
+                assert (s_plan_field (
+                    sbuf.data, sbuf.size, k, "disconnect", model, sizeof (model)));
+                assert (streq (model, "drain"));
             }
             else
                 assert (streq (model, "gpt-4o"));
@@ -1223,6 +1241,8 @@ gw_channels_test (bool verbose)
         "channels[0].weight", verbose);
     s_expect_error ("[{\"id\":\"a\",\"base_url\":\"http://x\",\"priority\":\"high\"}]",
         "channels[0].priority", verbose);
+    s_expect_error ("[{\"id\":\"a\",\"base_url\":\"http://x\",\"disconnect\":\"wait\"}]",
+        "channels[0].disconnect", verbose);
     s_expect_error ("[{\"id\":\"a\",\"base_url\":\"http://x\",\"timeout_ms\":-1}]",
         "channels[0].timeout_ms", verbose);
     s_expect_error ("[{\"id\":\"a\",\"base_url\":\"http://x\",\"models\":\"gpt-4o\"}]",

@@ -530,6 +530,26 @@ s_answer_models (s_router_t *self, gw_msg_t *request)
     gw_worker_final (self->worker, gw_msg_rid (request), 200, NULL, &body);
 }
 
+//  Error FINAL for the request whose envelope is in self->envelope, with
+//  its ann.headers (ratelimit's x-ratelimit-*, STAGES.md §6.1).
+static void
+s_error (s_router_t *self, const uint8_t *rid, uint16_t status, const char *type,
+    const char *code, const char *message)
+{
+    size_t size = 0;
+    const void *headers = gw_envelope_ann_raw (self->envelope, "headers", &size);
+    if (!headers) {
+        gw_worker_error (self->worker, rid, status, type, code, message);
+        return;
+    }
+    gw_envelope_t *env = gw_envelope_new ();
+    gw_envelope_set_ann_raw (env, "headers", headers, size);
+    zframe_t *envelope = gw_envelope_encode (env);
+    gw_envelope_destroy (&env);
+    zframe_t *body = gw_msg_error_body (type, code, message);
+    gw_worker_final (self->worker, rid, status, &envelope, &body);
+}
+
 //  Replace the slip past the cursor with service and forward.
 static void
 s_forward (s_router_t *self, gw_msg_t *request, const char *service)
@@ -714,12 +734,17 @@ s_handle (s_router_t *self, gw_msg_t *request)
         s_local_admin (self, request);
         return;
     }
+    if (op && streq (op, "usage")) {
+        //  GET /v1/usage: billing answers for tenant.key (STAGES.md §6.2).
+        s_forward (self, request, "billing");
+        return;
+    }
     const char *model = gw_envelope_model (self->envelope);
     const char *allow = gw_envelope_tenant_str (self->envelope, "models");
     char shown[208];
     char message[512];
     if (!model || !*model) {
-        gw_worker_error (self->worker, rid, 400, "invalid_request_error", "missing_model",
+        s_error (self, rid, 400, "invalid_request_error", "missing_model",
             "You must provide a model parameter.");
         return;
     }
@@ -727,8 +752,7 @@ s_handle (s_router_t *self, gw_msg_t *request)
         snprintf (message, sizeof (message),
             "This API key does not have access to the model `%s`.",
             gw_clip (model, shown, sizeof (shown)));
-        gw_worker_error (self->worker, rid, 403, "invalid_request_error",
-            "model_not_allowed", message);
+        s_error (self, rid, 403, "invalid_request_error", "model_not_allowed", message);
         return;
     }
     //  Local models (issue 5): "local/<name>" -> service model.<name>.
@@ -744,13 +768,12 @@ s_handle (s_router_t *self, gw_msg_t *request)
         snprintf (message, sizeof (message),
             "The model `%s` does not exist or you do not have access to it.",
             gw_clip (model, shown, sizeof (shown)));
-        gw_worker_error (
-            self->worker, rid, 404, "invalid_request_error", "model_not_found", message);
+        s_error (self, rid, 404, "invalid_request_error", "model_not_found", message);
         return;
     }
     if (gw_envelope_set_ann_raw (
             self->envelope, "plan", self->sbuf.data, self->sbuf.size)) {
-        gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
+        s_error (self, rid, 500, "server_error", "routing_failed",
             "The gateway could not write the routing plan.");
         return;
     }

@@ -36,8 +36,12 @@ s_same (gw_msg_t *a, gw_msg_t *b)
                 abort ();
             break;
         case GW_MSG_PARTIAL:
+            //  The optional envelope frame: absent (NULL) on both, or equal.
             if (gw_msg_seq (a) != gw_msg_seq (b) ||
-                !zframe_eq (gw_msg_body (a), gw_msg_body (b)))
+                !zframe_eq (gw_msg_body (a), gw_msg_body (b)) ||
+                (gw_msg_envelope (a) == NULL) != (gw_msg_envelope (b) == NULL) ||
+                (gw_msg_envelope (a) &&
+                    !zframe_eq (gw_msg_envelope (a), gw_msg_envelope (b))))
                 abort ();
             break;
         case GW_MSG_FINAL:
