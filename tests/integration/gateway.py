@@ -1,11 +1,20 @@
 """The whole gateway on loopback, for black-box end-to-end tests.
 
-``Gateway`` starts the real processes: one aigw-broker, N aigw-edge,
-N aigw-auth, N aigw-router and N aigw-bridge, in front of one or more mock
-providers (tests/mock_provider.py, started with ``MockProvider``). Every
+``Gateway`` starts the real processes of the full pipeline: one
+aigw-broker, N aigw-edge, N aigw-auth, N aigw-ratelimit, N aigw-router,
+N aigw-bridge and N aigw-billing, in front of one or more mock providers
+(tests/mock_provider.py, started with ``MockProvider``). The edge's slip is
+set explicitly to ``auth,ratelimit,router``. By default billing keeps its
+ledger in a SQLite file in the gateway's workdir (``database_url`` for
+PostgreSQL), ratelimit counts in memory (``redis_url`` for Redis) and
+the bridges spool usage events in ``<workdir>/spool``; ``limits`` and
+``prices`` (a dict, written to a file, or a path) become
+AIGW_LIMITS_FILE and AIGW_PRICES_FILE. A count of 0 leaves a stage out
+(``counts={"ratelimit": 0}`` also drops it from the slip). Every
 process goes through conftest's ``Procs`` so the per-test finalizer (and the
 atexit safety net) kills it, whatever the test did. Startup waits on each
-edge's ``GET /health/ready`` with a bounded poll; ``stop`` kills everything.
+edge's ``GET /health/ready`` and on every stage's registration with bounded
+polls; ``stop`` kills everything. ``sql`` reads billing's store.
 
 Typical use (the ``make_gateway`` and ``make_mock`` fixtures in conftest.py
 wrap this)::
@@ -26,6 +35,8 @@ import json
 import os
 import signal
 import socket
+import sqlite3
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -44,7 +55,17 @@ MOCK_MODELS = ["mock-gpt", "mock-gpt-mini", "mock-embed"]
 
 #  Stages of the gateway and their binaries, in start order (backends first,
 #  so the edge's readiness is the last thing to come true).
-STAGES = ("bridge", "router", "auth", "edge")
+STAGES = ("billing", "bridge", "router", "ratelimit", "auth", "edge")
+#  The edge's slip (STAGES.md §6.1: ratelimit between auth and router).
+SLIP = ("auth", "ratelimit", "router")
+#  Variables of the money stages that must never leak in from the caller's
+#  shell: the stages read an empty variable as unset (gw_env).
+MONEY_ENV = ("DATABASE_URL", "REDIS_URL", "REDIS_ADDR", "REDIS_PASSWORD", "REDIS_DB",
+             "AIGW_LIMITS_FILE", "AIGW_PRICES_FILE", "AIGW_PRICE_MULTIPLIER",
+             "RATE_LIMIT_REQUESTS_PER_MINUTE", "RATE_LIMIT_BURST", "AIGW_TPM",
+             "AIGW_MAX_CONCURRENT", "AIGW_DEFAULT_MAX_TOKENS", "AIGW_RATELIMIT_FAIL",
+             "AIGW_RATELIMIT_PREFIX", "AIGW_REDIS_TIMEOUT_MS", "AIGW_DISCONNECT",
+             "AIGW_BILLING_SETTLE", "AIGW_BILLING", "AIGW_SPOOL_MAX", "AIGW_SPOOL_FSYNC")
 
 Response = Tuple[int, Dict[str, str], bytes]
 
@@ -80,6 +101,14 @@ def assert_openai_error(body: bytes, status: Optional[int] = None) -> Dict[str, 
     assert isinstance(err["message"], str) and err["message"], obj
     assert isinstance(err["type"], str) and err["type"], obj
     return err
+
+
+def write_json_atomic(path: str, content: Any) -> None:
+    """Write JSON so a reloading reader never sees half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(content, f)
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------
@@ -205,14 +234,26 @@ class HttpClient:
 
 class Gateway:
     """The full stack on one broker. Counts per stage are configurable for
-    scale-out tests; ``procs_of(stage)`` gives the processes to kill."""
+    scale-out tests (0 leaves a stage out); ``stages[stage]`` holds the
+    processes, ``kill`` and ``restart`` act on one of them.
+
+    Money: ``database_url`` (billing's DATABASE_URL; default a SQLite file
+    ``<workdir>/var/aigw.db``), ``redis_url`` (ratelimit's REDIS_URL; default
+    counters in memory), ``limits`` / ``prices`` (dict written to a JSON file
+    in the workdir, or a path; AIGW_LIMITS_FILE / AIGW_PRICES_FILE, given to
+    every process). Anything else goes through ``env`` (all processes),
+    ``edge_env`` (edges only) or ``stage_env`` ({stage: env}, one stage)."""
 
     def __init__(self, procs: Procs, channels: Sequence[Dict[str, Any]],
                  keys: Sequence[str] = (KEY,), env: Optional[Dict[str, str]] = None,
                  edge_env: Optional[Dict[str, str]] = None,
                  counts: Optional[Dict[str, int]] = None,
                  broker_kwargs: Optional[Dict[str, Any]] = None,
-                 workdir: Optional[str] = None) -> None:
+                 workdir: Optional[str] = None,
+                 database_url: Optional[str] = None,
+                 redis_url: Optional[str] = None,
+                 limits: Any = None, prices: Any = None,
+                 stage_env: Optional[Dict[str, Dict[str, str]]] = None) -> None:
         missing = missing_binaries()
         if missing:
             raise AssertionError(f"missing binaries (build them: make, or set AIGW_BUILD): "
@@ -224,14 +265,38 @@ class Gateway:
         self.counts.update(counts or {})
         self.env = dict(env or {})
         self.edge_env = dict(edge_env or {})
+        self.stage_env = {stage: dict(e) for stage, e in (stage_env or {}).items()}
         self.workdir = workdir or tempfile.mkdtemp(prefix="aigw-e2e-")
         self.channels_file = os.path.join(self.workdir, "channels.json")
         with open(self.channels_file, "w") as f:
             json.dump(list(channels), f)
+        #  Billing's store: SQLite in the workdir unless told otherwise.
+        self.sqlite_path: Optional[str] = None
+        if database_url is None:
+            self.sqlite_path = os.path.join(self.workdir, "var", "aigw.db")
+            database_url = f"sqlite://{self.sqlite_path}"
+        elif database_url.startswith("sqlite://"):
+            self.sqlite_path = database_url[len("sqlite://"):]
+        self.database_url = database_url
+        self.redis_url = redis_url or ""
+        self.limits_file = self._json_file("limits.json", limits)
+        self.prices_file = self._json_file("prices.json", prices)
+        self.slip = [s for s in SLIP if self.counts.get(s, 1) > 0]
+        self.spool_dir = os.path.join(self.workdir, "spool")
         self.broker = Broker(procs, **(broker_kwargs or {}))
         self.stages: Dict[str, List[Proc]] = {stage: [] for stage in STAGES}
         self.edge_ports: List[int] = []
         self.http = HttpClient()
+
+    def _json_file(self, name: str, content: Any) -> str:
+        """A dict/list is written to <workdir>/name; a str is a path; None is ''."""
+        if content is None:
+            return ""
+        if isinstance(content, (str, os.PathLike)):
+            return str(content)
+        path = os.path.join(self.workdir, name)
+        write_json_atomic(path, content)
+        return path
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -239,17 +304,29 @@ class Gateway:
         env = {"AIGW_BUS": self.broker.bus, "LOG_LEVEL": "info",
                "AIGW_HEARTBEAT_MS": str(HEARTBEAT_MS), "AIGW_EXPIRY_MS": str(EXPIRY_MS),
                "GATEWAY_API_KEYS": ",".join(self.keys),
-               "AIGW_CHANNELS_FILE": self.channels_file}
+               "AIGW_CHANNELS_FILE": self.channels_file,
+               "AIGW_SLIP": ",".join(self.slip),
+               "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
+               #  The bridges' usage spool: one folder per gateway (a bridge
+               #  takes over the files of dead ones there; never the repo's
+               #  var/spool, where another gateway's events would be found).
+               "AIGW_SPOOL_DIR": self.spool_dir,
+               "AIGW_LIMITS_FILE": self.limits_file, "AIGW_PRICES_FILE": self.prices_file}
         #  Nothing inherited from the caller's shell: the stages read an empty
         #  variable as unset (gw_env).
         for name in ("AIGW_KEYS_FILE", "AIGW_AUTH_OPEN", "TARGET_API_URL", "TARGET_API_KEY",
-                     "AIGW_SLIP", "AIGW_READY_SERVICES", "AIGW_TARGET_MODELS"):
+                     "AIGW_READY_SERVICES", "AIGW_TARGET_MODELS") + MONEY_ENV:
             env.setdefault(name, "")
         env.update(self.env)
         return env
 
-    def _spawn(self, stage: str) -> Proc:
+    def _stage_env(self, stage: str) -> Dict[str, str]:
         env = self._common_env()
+        env.update(self.stage_env.get(stage, {}))
+        return env
+
+    def _spawn(self, stage: str) -> Proc:
+        env = self._stage_env(stage)
         index = len(self.stages[stage])
         if stage == "edge":
             port = free_port()
@@ -270,16 +347,31 @@ class Gateway:
             proc.wait_line(r"edge: listening on", timeout=10)
         for port in self.edge_ports:
             self.wait_ready(port, timeout)
-        #  An edge is ready once every service has one worker; with several
-        #  replicas, wait until each one has registered.
+        #  An edge is ready once every service of its slip (and the bridge)
+        #  has one worker; billing is not among them, and with several
+        #  replicas each one must have registered.
         with gwp.Client(self.broker.bus, heartbeat_ms=HEARTBEAT_MS) as bus:
-            for stage in ("auth", "router", "bridge"):
-                if self.counts[stage] > 1:
+            for stage in STAGES:
+                if stage != "edge" and self.counts[stage] > 0:
                     try:
                         wait_registered(bus, stage, self.counts[stage], timeout)
                     except AssertionError as exc:
                         raise AssertionError(f"{exc}\n{self.logs()}") from None
         return self
+
+    def restart(self, stage: str, index: int = 0, timeout: float = 15.0) -> Proc:
+        """Start a fresh process in place of stages[stage][index] (kill it
+        first) and wait for its "serving on" line; not for the edge."""
+        assert stage != "edge", "restart an edge by starting a new gateway"
+        old = self.stages[stage][index]
+        assert not old.alive, f"{old.name} is still running: kill it first"
+        restarts = getattr(self, "_restarts", 0) + 1
+        self._restarts = restarts  # type: ignore[attr-defined]
+        proc = self.procs.start(f"{stage}#{index}.{restarts}", [str(binary(stage))],
+                                self._stage_env(stage))
+        self.stages[stage][index] = proc
+        proc.wait_line(rf"{stage}: serving on", timeout=timeout)
+        return proc
 
     def wait_ready(self, port: int, timeout: float = 15.0) -> None:
         def ready() -> bool:
@@ -323,6 +415,32 @@ class Gateway:
             if proc is not None:
                 parts.append(f"--- {proc.name} (exit={proc.popen.poll()})\n{proc.output()}")
         return "\n".join(parts)
+
+    # -- billing's store -------------------------------------------------------
+
+    def sql(self, query: str) -> List[Tuple[Any, ...]]:
+        """Rows of one read-only query on billing's store (SQLite through
+        sqlite3, PostgreSQL through psql; PostgreSQL values come back as
+        strings). Portable SQL only: hex request ids via ``rid_hex_sql``."""
+        if self.sqlite_path is not None:
+            if not os.path.exists(self.sqlite_path):
+                return []
+            conn = sqlite3.connect(f"file:{self.sqlite_path}?mode=ro", uri=True, timeout=10)
+            try:
+                return [tuple(row) for row in conn.execute(query)]
+            finally:
+                conn.close()
+        out = subprocess.run(["psql", self.database_url, "-X", "-q", "-A", "-t", "-F", "|",
+                              "-c", query], check=True, capture_output=True, text=True,
+                             timeout=30).stdout
+        return [tuple(line.split("|")) for line in out.splitlines() if line]
+
+    @property
+    def rid_hex_sql(self) -> str:
+        """SQL expression for usage_ledger.request_id as 32 lowercase hex digits."""
+        if self.sqlite_path is not None:
+            return "lower(hex(request_id))"
+        return "encode(request_id, 'hex')"
 
     # -- requests ------------------------------------------------------------
 

@@ -68,7 +68,10 @@ def test_run_starts_serves_restarts_and_stops(make_mock, tmp_path: Path) -> None
                AIGW_BUS=f"tcp://127.0.0.1:{free_port()}",
                AIGW_TAP=f"tcp://127.0.0.1:{free_port()}",
                TARGET_API_URL=mock.base_url, TARGET_API_KEY="sk-upstream",
-               LOG_LEVEL="info")
+               LOG_LEVEL="info",
+               # State stays in the test's folder, not the repository's var/.
+               DATABASE_URL=str(tmp_path / "aigw.db"),
+               AIGW_SPOOL_DIR=str(tmp_path / "spool"))
     env.pop("GATEWAY_API_KEYS", None)
     log = open(tmp_path / "run.log", "w+")
     run = subprocess.Popen(["bash", str(REPO / "deploy" / "run.sh")], cwd=REPO, env=env,
