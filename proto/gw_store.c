@@ -1481,6 +1481,55 @@ gw_store_key_revoke (gw_store_t *self, const char *sha256)
     return rc < 0 ? rc : rc == 0 ? 1 : 0;
 }
 
+//  Fill key from a row of (key_sha256, name, user_name, models, created_ms,
+//  revoked_ms) at the cursor.
+static int
+s_key_row (s_cursor_t *cursor, gw_key_record_t *key)
+{
+    memset (key, 0, sizeof (*key));
+    int rc = s_text_copy (cursor, 0, key->sha256, sizeof (key->sha256));
+    if (!rc)
+        rc = s_text_copy (cursor, 1, key->name, sizeof (key->name));
+    if (!rc)
+        rc = s_text_copy (cursor, 2, key->user, sizeof (key->user));
+    if (!rc)
+        rc = s_text_copy (cursor, 3, key->models, sizeof (key->models));
+    if (!rc)
+        rc = s_int (cursor, 4, &key->created);
+    if (!rc && s_text (cursor, 5))
+        rc = s_int (cursor, 5, &key->revoked);
+    return rc;
+}
+
+int
+gw_store_key_each (gw_store_t *self, gw_store_key_fn *fn, void *arg)
+{
+    assert (self);
+    assert (fn);
+    int rc = s_ready (self);
+    if (rc)
+        return rc;
+    s_cursor_t cursor;
+    rc = s_query (self, &cursor,
+        "SELECT key_sha256, name, user_name, models, created_ms, revoked_ms"
+        " FROM api_keys ORDER BY created_ms, key_sha256",
+        NULL, 0);
+    if (rc)
+        return rc;
+    int count = 0;
+    gw_key_record_t *key = (gw_key_record_t *)malloc (sizeof (gw_key_record_t));
+    assert (key);
+    while ((rc = s_next (&cursor)) == 1) {
+        if ((rc = s_key_row (&cursor, key)))
+            break;
+        fn (key, arg);
+        count++;
+    }
+    free (key);
+    s_done (&cursor);
+    return rc < 0 ? rc : count;
+}
+
 int
 gw_store_channel_set (gw_store_t *self, const char *id, const char *config)
 {
@@ -1700,6 +1749,13 @@ s_group_collect (const char *name, int64_t multiplier, void *arg)
 }
 
 static void
+s_count_key (const gw_key_record_t *key, void *arg)
+{
+    assert (key->sha256[0] && key->user[0]);
+    (*(int *)arg)++;
+}
+
+static void
 s_test_backend (const char *url, bool verbose)
 {
     char error[512];
@@ -1809,6 +1865,8 @@ s_test_backend (const char *url, bool verbose)
     assert (gw_store_key_revoke (store, sha) == 0);
     assert (gw_store_key_revoke (store, sha) == 1);
     assert (gw_store_key_get (store, sha, &key) == 0 && key.revoked > 0);
+    int keys = 0;
+    assert (gw_store_key_each (store, s_count_key, &keys) == 1 && keys == 1);
     assert (gw_store_user_delete (store, "alice") == GW_STORE_FAILED);  //  owns a key
     assert (gw_store_user_set (store, "carol", "default") == 0);
     assert (gw_store_user_delete (store, "carol") == 0);

@@ -179,6 +179,12 @@ int gw_store_key_add (gw_store_t *self, const char *sha256, const char *name,
 int gw_store_key_get (gw_store_t *self, const char *sha256, gw_key_record_t *key);
 int gw_store_key_revoke (gw_store_t *self, const char *sha256);
 
+//  Call fn for every API key, revoked ones too, sorted by created time then
+//  digest; returns the number of keys or an error. The record is valid only
+//  during the call. Used by aigw-admin and by auth's open-mode check.
+typedef void (gw_store_key_fn) (const gw_key_record_t *key, void *arg);
+int gw_store_key_each (gw_store_t *self, gw_store_key_fn *fn, void *arg);
+
 //  Channels: an id and its JSON configuration text. get returns a fresh
 //  string (caller frees) or NULL (unknown id, or an error: see
 //  gw_store_error, "" if merely unknown); delete returns 0 or 1.

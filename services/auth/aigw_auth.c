@@ -5,7 +5,9 @@
 //  at start is a clear error and exit status 1.
 //
 //  Environment: AIGW_BUS, GATEWAY_API_KEYS, AIGW_KEYS_FILE, AIGW_AUTH_OPEN,
-//  AIGW_AUTH_CAPACITY, LOG_LEVEL, LOG_FORMAT (docs/ROUTING.md, "Auth").
+//  AIGW_AUTH_STORE, DATABASE_URL, AIGW_AUTH_CACHE_MS, AIGW_AUTH_CAPACITY,
+//  LOG_LEVEL, LOG_FORMAT (docs/ROUTING.md, "Auth"). An unreachable SQL
+//  store at start is logged, not fatal: it is retried on use.
 
 #include "aigw.h"
 #include "gw_auth.h"
@@ -14,10 +16,12 @@
 static void
 s_usage (void)
 {
-    printf ("usage: aigw-auth [--bus ENDPOINT]\n"
-            "  keys: GATEWAY_API_KEYS (comma-separated) and/or AIGW_KEYS_FILE (JSON);\n"
-            "  AIGW_AUTH_OPEN=1 lets every request in when no keys are configured.\n"
-            "  SIGHUP reloads the keys file.\n");
+    printf (
+        "usage: aigw-auth [--bus ENDPOINT]\n"
+        "  keys: GATEWAY_API_KEYS (comma-separated) and/or AIGW_KEYS_FILE (JSON),\n"
+        "  and the SQL store's api_keys (DATABASE_URL; AIGW_AUTH_STORE=0 turns it off);\n"
+        "  AIGW_AUTH_OPEN=1 lets every request in when no keys are configured.\n"
+        "  SIGHUP reloads the keys file.\n");
 }
 
 int
@@ -51,13 +55,28 @@ main (int argc, char *argv[])
         return 1;
     }
     bool open = streq (gw_env ("AIGW_AUTH_OPEN", "0"), "1");
+    const char *use_store = gw_env ("AIGW_AUTH_STORE", "1");
+    if (!streq (use_store, "0") && !streq (use_store, "1")) {
+        fprintf (stderr, "aigw-auth: AIGW_AUTH_STORE must be 0 or 1\n");
+        gw_auth_destroy (&auth);
+        return 1;
+    }
+    if (streq (use_store, "1")) {
+        const char *url = gw_env ("DATABASE_URL", NULL);
+        int cache_ms = (int)gw_env_int ("AIGW_AUTH_CACHE_MS", 1000, 0, 60000);
+        if (gw_auth_set_store (auth, url, cache_ms) == 0)
+            gw_info ("auth: also accepting keys from the SQL store (%s), cached %d ms",
+                url ? "DATABASE_URL" : "var/aigw.db", cache_ms);
+    }
     if (!listed && !file) {
         if (open)
             gw_warn ("auth: OPEN MODE: no keys configured and AIGW_AUTH_OPEN=1, every "
-                     "request passes as user anonymous");
+                     "request passes as user anonymous%s",
+                streq (use_store, "1") ? " while the SQL store has no keys" : "");
         else
-            gw_warn ("auth: no keys configured (GATEWAY_API_KEYS, AIGW_KEYS_FILE): every "
-                     "request is refused; set AIGW_AUTH_OPEN=1 for an open demo gateway");
+            gw_warn ("auth: no keys in GATEWAY_API_KEYS or AIGW_KEYS_FILE: only keys in "
+                     "the SQL store are accepted, if enabled; set AIGW_AUTH_OPEN=1 for "
+                     "an open demo gateway");
     }
     else if (open)
         gw_warn ("auth: AIGW_AUTH_OPEN ignored: keys are configured");

@@ -16,9 +16,22 @@
 //  hash lookup per request (a few µs); no allocation beyond the envelope's
 //  annotation copies. Nothing here asserts on input: envelopes and the keys
 //  file are input.
+//
+//  The SQL store (gw_store, api_keys) is the third source, asked only for a
+//  digest that is in neither table. Its answers, found or not, are cached
+//  by digest for cache_ms (1 s by default), so a key revoked in SQL is
+//  refused within that time and an unknown key costs one query per window.
+//  The cache is bounded (CACHE_MAX entries; expired entries are dropped
+//  when it fills, and all of them if it is still full). When the store
+//  cannot be reached, or a query fails, the connection is dropped and not
+//  retried for RETRY_MS; meanwhile a key not in the tables is answered 503
+//  (we cannot tell an unknown key from a stored one), and the outage is
+//  logged once. A PostgreSQL connect blocks this thread for up to the URL's
+//  connect_timeout (5 s by default) once per retry.
 
 #include "aigw.h"
 #include "gw_auth.h"
+#include "gw_store.h"
 #include <openssl/evp.h>
 #include <openssl/crypto.h>
 #include <sys/stat.h>
@@ -31,6 +44,8 @@
 #define MODELS_MAX 4096
 #define NAME_MAX_ 256
 #define CHECK_MS 500  //  keys file stat() interval in the actor
+#define CACHE_MAX 100000  //  store lookups cached at most
+#define RETRY_MS 1000  //  store reconnect interval after a failure
 
 typedef struct {
     uint8_t digest[DIGEST_SIZE];  //  SHA-256 of the key
@@ -53,7 +68,23 @@ struct _gw_auth_t {
     bool stat_failed;  //  the last stat failed (logged once)
     int64_t checked_at;  //  mono ms of the last stat
     bool open;  //  open mode requested
+    bool store_enabled;  //  look keys up in the SQL store
+    char *store_url;  //  the store's URL, or NULL for the default
+    gw_store_t *store;  //  connection, NULL while not open
+    int64_t store_retry_at;  //  mono ms before which no reconnect is tried
+    bool store_down;  //  in an outage (logged once per outage)
+    bool store_has_keys;  //  api_keys held a row once (sticky: open mode off)
+    int64_t store_counted_at;  //  mono ms of the last "any keys?" query
+    bool store_counted;  //  store_counted_at is valid
+    int cache_ms;  //  lifetime of a cached store answer, ms
+    zhashx_t *cache;  //  hex digest -> s_cached_t, store answers
 };
+
+//  One cached store answer.
+typedef struct {
+    s_key_t *key;  //  the principal, or NULL: not in the store or revoked
+    int64_t expires;  //  mono ms
+} s_cached_t;
 
 //  --------------------------------------------------------------------------
 //  Keys
@@ -68,6 +99,17 @@ s_key_destroy (s_key_t **self_p)
         free (self->models);
         free (self->name);
         OPENSSL_cleanse (self, sizeof (*self));
+        free (self);
+        *self_p = NULL;
+    }
+}
+
+static void
+s_cached_destroy (s_cached_t **self_p)
+{
+    s_cached_t *self = *self_p;
+    if (self) {
+        s_key_destroy (&self->key);
         free (self);
         *self_p = NULL;
     }
@@ -150,6 +192,10 @@ gw_auth_new (void)
     assert (self->sha256);
     self->list_keys = s_table_new ();
     self->file_keys = s_table_new ();
+    self->cache = zhashx_new ();
+    assert (self->cache);
+    zhashx_set_destructor (self->cache, (zhashx_destructor_fn *)s_cached_destroy);
+    self->cache_ms = 1000;
     return self;
 }
 
@@ -161,6 +207,9 @@ gw_auth_destroy (gw_auth_t **self_p)
     if (self) {
         zhashx_destroy (&self->list_keys);
         zhashx_destroy (&self->file_keys);
+        zhashx_destroy (&self->cache);
+        gw_store_destroy (&self->store);
+        free (self->store_url);
         EVP_MD_free (self->sha256);
         free (self->file);
         free (self);
@@ -518,6 +567,166 @@ gw_auth_refresh (gw_auth_t *self, bool force, int interval_ms)
 }
 
 //  --------------------------------------------------------------------------
+//  SQL store
+
+//  Note a store failure: drop the connection, log once per outage.
+static void
+s_store_failed (gw_auth_t *self, const char *error)
+{
+    if (!self->store_down)
+        gw_error ("auth: SQL store unavailable: %s (keys from the store get 503 until "
+                  "it is back; GATEWAY_API_KEYS and the keys file still work)",
+            error);
+    self->store_down = true;
+    self->store_retry_at = gw_mono_ms () + RETRY_MS;
+    gw_store_destroy (&self->store);
+}
+
+static void
+s_store_ok (gw_auth_t *self)
+{
+    if (self->store_down)
+        gw_info ("auth: SQL store reachable again");
+    self->store_down = false;
+}
+
+//  Open the store if needed. Returns 0 or -1 (unreachable, or not retried yet).
+static int
+s_store_ready (gw_auth_t *self)
+{
+    if (self->store)
+        return 0;
+    if (self->store_down && gw_mono_ms () < self->store_retry_at)
+        return -1;
+    char error[512];
+    self->store = gw_store_new (self->store_url, error, sizeof (error));
+    if (!self->store) {
+        s_store_failed (self, error);
+        return -1;
+    }
+    return 0;
+}
+
+int
+gw_auth_set_store (gw_auth_t *self, const char *url, int cache_ms)
+{
+    assert (self);
+    assert (cache_ms >= 0);
+    free (self->store_url);
+    self->store_url = url && *url ? strdup (url) : NULL;
+    gw_store_destroy (&self->store);
+    zhashx_purge (self->cache);
+    self->store_enabled = true;
+    self->store_down = false;
+    self->store_has_keys = false;
+    self->store_counted = false;
+    self->cache_ms = cache_ms;
+    if (s_store_ready (self))
+        return -1;
+    s_store_ok (self);
+    return 0;
+}
+
+static void
+s_count_key (const gw_key_record_t *key, void *arg)
+{
+    (*(int *)arg)++;
+}
+
+//  Does api_keys hold any row (revoked ones count: revoking every key must
+//  not open the gateway)? Returns 1, 0, or -1 (store unavailable). Once
+//  true it stays true (rows are never deleted); "no" is cached for cache_ms.
+static int
+s_store_has_keys (gw_auth_t *self)
+{
+    if (self->store_has_keys)
+        return 1;
+    int64_t now = gw_mono_ms ();
+    if (self->store_counted && now - self->store_counted_at < self->cache_ms)
+        return 0;
+    if (s_store_ready (self))
+        return -1;
+    int count = 0;
+    int rc = gw_store_key_each (self->store, s_count_key, &count);
+    if (rc < 0) {
+        s_store_failed (self, gw_store_error (self->store));
+        return -1;
+    }
+    s_store_ok (self);
+    self->store_counted = true;
+    self->store_counted_at = now;
+    self->store_has_keys = count > 0;
+    return self->store_has_keys ? 1 : 0;
+}
+
+//  Look the digest up in the store (through the cache). Returns 0 with
+//  *found set (NULL: no such active key), or -1 if the store is unavailable.
+static int
+s_store_lookup (gw_auth_t *self, const uint8_t digest[DIGEST_SIZE], const s_key_t **found)
+{
+    *found = NULL;
+    char hex[DIGEST_SIZE * 2 + 1];
+    s_hex (digest, DIGEST_SIZE, hex);
+    int64_t now = gw_mono_ms ();
+    s_cached_t *cached = (s_cached_t *)zhashx_lookup (self->cache, hex);
+    if (cached && now < cached->expires) {
+        if (cached->key && CRYPTO_memcmp (cached->key->digest, digest, DIGEST_SIZE) == 0)
+            *found = cached->key;
+        return 0;
+    }
+    if (s_store_ready (self))
+        return -1;
+    gw_key_record_t *record = (gw_key_record_t *)malloc (sizeof (gw_key_record_t));
+    assert (record);
+    char group[GW_STORE_NAME_MAX + 1] = "default";
+    s_key_t *key = NULL;
+    int rc = gw_store_key_get (self->store, hex, record);
+    if (rc == 0 && record->revoked == 0) {
+        int urc =
+            gw_store_user_get (self->store, record->user, group, sizeof (group), NULL);
+        if (urc == 1 || (urc == 0 && !*group))
+            strcpy (group, "default");
+        else if (urc < 0)
+            rc = urc;
+        if (rc == 0) {
+            key = s_key_new (digest);
+            key->user = strdup (record->user);
+            key->group = strdup (group);
+            key->models = record->models[0] ? strdup (record->models) : NULL;
+            key->name = record->name[0] ? strdup (record->name) : NULL;
+        }
+    }
+    free (record);
+    if (rc < 0) {
+        s_store_failed (self, gw_store_error (self->store));
+        return -1;
+    }
+    s_store_ok (self);
+    if (key)
+        self->store_has_keys = true;
+    if (zhashx_size (self->cache) >= CACHE_MAX) {
+        //  Drop expired answers; if that frees nothing, start over.
+        zlistx_t *keys = zhashx_keys (self->cache);
+        for (const char *item = (const char *)zlistx_first (keys); item;
+             item = (const char *)zlistx_next (keys)) {
+            s_cached_t *entry = (s_cached_t *)zhashx_lookup (self->cache, item);
+            if (entry && now >= entry->expires)
+                zhashx_delete (self->cache, item);
+        }
+        zlistx_destroy (&keys);
+        if (zhashx_size (self->cache) >= CACHE_MAX)
+            zhashx_purge (self->cache);
+    }
+    cached = (s_cached_t *)zmalloc (sizeof (s_cached_t));
+    assert (cached);
+    cached->key = key;
+    cached->expires = now + self->cache_ms;
+    zhashx_update (self->cache, hex, cached);
+    *found = key;
+    return 0;
+}
+
+//  --------------------------------------------------------------------------
 //  Decision
 
 static bool
@@ -591,11 +800,20 @@ gw_auth_check (gw_auth_t *self, gw_envelope_t *envelope, gw_auth_refusal_t *refu
     int rc;
     if (zhashx_size (self->list_keys) == 0 && zhashx_size (self->file_keys) == 0 &&
         self->open && !self->file) {
-        gw_envelope_set_tenant_str (envelope, "key", "anonymous");
-        gw_envelope_set_tenant_str (envelope, "user", "anonymous");
-        gw_envelope_set_tenant_str (envelope, "group", "default");
-        rc = GW_OK;
-        goto done;
+        //  Open mode, unless the store has (or may have) keys.
+        int has = self->store_enabled ? s_store_has_keys (self) : 0;
+        if (has < 0) {
+            rc = s_refuse (refusal, 503, "server_error", "auth_store_unavailable",
+                "The API key store is unavailable; please retry shortly.");
+            goto done;
+        }
+        if (has == 0) {
+            gw_envelope_set_tenant_str (envelope, "key", "anonymous");
+            gw_envelope_set_tenant_str (envelope, "user", "anonymous");
+            gw_envelope_set_tenant_str (envelope, "group", "default");
+            rc = GW_OK;
+            goto done;
+        }
     }
     if (!size) {
         rc = s_refuse (refusal, 401, "invalid_request_error", "missing_api_key",
@@ -606,6 +824,11 @@ gw_auth_check (gw_auth_t *self, gw_envelope_t *envelope, gw_auth_refusal_t *refu
     key = s_lookup (self->file_keys, digest);
     if (!key)
         key = s_lookup (self->list_keys, digest);
+    if (!key && self->store_enabled && s_store_lookup (self, digest, &key)) {
+        rc = s_refuse (refusal, 503, "server_error", "auth_store_unavailable",
+            "The API key store is unavailable; please retry shortly.");
+        goto done;
+    }
     if (!key) {
         rc = s_refuse (refusal, 401, "invalid_request_error", "invalid_api_key",
             "Incorrect API key provided: %s.", masked);
@@ -801,6 +1024,18 @@ s_try (gw_auth_t *auth, gw_envelope_t *env, const char *credential, const char *
     return rc;
 }
 
+//  Remove a SQLite database and its WAL files.
+static void
+s_unlink_db (const char *db)
+{
+    char side[300];
+    unlink (db);
+    snprintf (side, sizeof (side), "%s-wal", db);
+    unlink (side);
+    snprintf (side, sizeof (side), "%s-shm", db);
+    unlink (side);
+}
+
 //  True if no memory the key store owns holds the text.
 static bool
 s_holds_no (zhashx_t *table, const char *text)
@@ -990,6 +1225,111 @@ gw_auth_test (bool verbose)
     zstr_sendx (actor, "CONFIGURE", "capacity", "64", NULL);
     assert (zsock_wait (actor) == 0);
     zactor_destroy (&actor);
+
+    //  Keys in the SQL store (a temporary SQLite file).
+    char db[256], url[300];
+    snprintf (db, sizeof (db), "/tmp/aigw-auth-test-%d.db", getpid ());
+    snprintf (url, sizeof (url), "sqlite://%s", db);
+    gw_store_t *store = gw_store_new (url, error, sizeof (error));
+    if (!store)
+        printf ("%s\n", error);
+    assert (store);
+    assert (gw_store_group_set (store, "team", 1000) == 0);
+    assert (gw_store_user_set (store, "alice", "team") == 0);
+    auth = gw_auth_new ();
+    s_hash (auth, "sk-aigw-stored-alice", 20, digest);
+    s_hex (digest, DIGEST_SIZE, hex);
+    assert (gw_store_key_add (store, hex, "laptop", "alice", "gpt-4o,m") == 0);
+    char key_id[9];
+    memcpy (key_id, hex, 8);
+    key_id[8] = 0;
+    gw_auth_add_keys (auth, "sk-env-key");
+    assert (gw_auth_set_store (auth, url, 300) == 0);
+    assert (s_try (auth, env, "Bearer sk-aigw-stored-alice", "m", &refusal) == GW_OK);
+    assert (streq (gw_envelope_tenant_str (env, "key"), key_id));
+    assert (streq (gw_envelope_tenant_str (env, "user"), "alice"));
+    assert (streq (gw_envelope_tenant_str (env, "group"), "team"));
+    assert (streq (gw_envelope_tenant_str (env, "models"), "gpt-4o,m"));
+    assert (streq (gw_envelope_tenant_str (env, "key_name"), "laptop"));
+    assert (s_try (auth, env, "sk-aigw-stored-alice", "gpt-4", &refusal) == GW_DONE);
+    assert (refusal.status == 403);
+    assert (s_try (auth, env, "sk-aigw-unknown", "m", &refusal) == GW_DONE);
+    assert (refusal.status == 401 && streq (refusal.code, "invalid_api_key"));
+    assert (s_try (auth, env, "sk-env-key", "m", &refusal) == GW_OK);
+    assert (streq (gw_envelope_tenant_str (env, "user"), "default"));
+    //  A key added after a negative answer is found once that answer expires.
+    s_hash (auth, "sk-aigw-later", 13, digest);
+    char later[DIGEST_SIZE * 2 + 1];
+    s_hex (digest, DIGEST_SIZE, later);
+    assert (s_try (auth, env, "sk-aigw-later", "m", &refusal) == GW_DONE);
+    assert (gw_store_key_add (store, later, NULL, "alice", NULL) == 0);
+    start = gw_mono_ms ();
+    while (s_try (auth, env, "sk-aigw-later", "m", &refusal) != GW_OK) {
+        assert (refusal.status == 401 && gw_mono_ms () - start < 1000);
+        zclock_sleep (20);
+    }
+    assert (gw_envelope_tenant_str (env, "models") == NULL);
+    assert (gw_envelope_tenant_str (env, "key_name") == NULL);
+    //  Revoked in SQL: refused within the cache window.
+    assert (s_try (auth, env, "Bearer sk-aigw-stored-alice", "m", &refusal) == GW_OK);
+    assert (gw_store_key_revoke (store, hex) == 0);
+    start = gw_mono_ms ();
+    while (s_try (auth, env, "sk-aigw-stored-alice", "m", &refusal) == GW_OK) {
+        assert (gw_mono_ms () - start < 1000);
+        zclock_sleep (20);
+    }
+    if (verbose)
+        printf ("\n    key revoked in SQL refused after %" PRId64 " ms",
+            gw_mono_ms () - start);
+    assert (refusal.status == 401 && streq (refusal.code, "invalid_api_key"));
+    gw_auth_destroy (&auth);
+
+    //  Open mode never applies while the store holds a key (even revoked).
+    auth = gw_auth_new ();
+    gw_auth_set_open (auth, true);
+    assert (gw_auth_set_store (auth, url, 300) == 0);
+    assert (s_try (auth, env, "Bearer anything", "m", &refusal) == GW_DONE);
+    assert (refusal.status == 401);
+    assert (s_try (auth, env, "sk-aigw-later", "m", &refusal) == GW_OK);
+    assert (streq (gw_envelope_tenant_str (env, "user"), "alice"));
+    gw_auth_destroy (&auth);
+    gw_store_destroy (&store);
+    s_unlink_db (db);
+
+    //  An empty store leaves open mode on; AIGW_AUTH_STORE=0 is no store.
+    snprintf (db, sizeof (db), "/tmp/aigw-auth-test-%d-empty.db", getpid ());
+    auth = gw_auth_new ();
+    gw_auth_set_open (auth, true);
+    assert (gw_auth_set_store (auth, db, 300) == 0);
+    assert (s_try (auth, env, NULL, "m", &refusal) == GW_OK);
+    assert (streq (gw_envelope_tenant_str (env, "user"), "anonymous"));
+    gw_auth_destroy (&auth);
+    s_unlink_db (db);
+
+    //  Store down (its folder cannot be created): keys from the list still
+    //  pass, every other key gets 503, open mode is off.
+    snprintf (path, sizeof (path), "/tmp/aigw-auth-test-%d.file", getpid ());
+    s_write (path, "not a folder");
+    snprintf (db, sizeof (db), "%s/aigw.db", path);
+    auth = gw_auth_new ();
+    gw_auth_add_keys (auth, "sk-env-key");
+    assert (gw_auth_set_store (auth, db, 300) == -1);
+    assert (s_try (auth, env, "sk-env-key", "m", &refusal) == GW_OK);
+    assert (s_try (auth, env, "sk-aigw-stored-alice", "m", &refusal) == GW_DONE);
+    assert (refusal.status == 503 && streq (refusal.code, "auth_store_unavailable"));
+    assert (streq (refusal.type, "server_error"));
+    assert (s_try (auth, env, "sk-aigw-unknown", "m", &refusal) == GW_DONE);
+    assert (refusal.status == 503);
+    assert (s_try (auth, env, NULL, "m", &refusal) == GW_DONE);
+    assert (refusal.status == 401);  //  no credential: nothing to look up
+    gw_auth_destroy (&auth);
+    auth = gw_auth_new ();
+    gw_auth_set_open (auth, true);
+    assert (gw_auth_set_store (auth, db, 300) == -1);
+    assert (s_try (auth, env, NULL, "m", &refusal) == GW_DONE);
+    assert (refusal.status == 503);
+    gw_auth_destroy (&auth);
+    unlink (path);
 
     //  Random envelopes never crash the check.
     auth = gw_auth_new ();

@@ -3,17 +3,21 @@
 //  credential (ann.credential) into a principal (tenant.key, tenant.user,
 //  tenant.group, tenant.models), removes the credential, checks the model
 //  allow-list and passes the request on (proto/STAGES.md §2), or ends it
-//  with FINAL 401 / 403 in the OpenAI error shape.
+//  with FINAL 401 / 403 (503 while the SQL store is unreachable) in the
+//  OpenAI error shape.
 //
-//  Keys come from GATEWAY_API_KEYS (comma-separated) and from an optional
+//  Keys come from GATEWAY_API_KEYS (comma-separated), from an optional
 //  JSON keys file (AIGW_KEYS_FILE, docs/ROUTING.md "Keys file"), reloaded
 //  when it changes (checked twice a second) or on RELOAD (SIGHUP in the
-//  main). Keys are kept only as SHA-256 digests; a presented key is hashed
-//  once, looked up by digest, and confirmed with CRYPTO_memcmp.
+//  main), and from the SQL store's api_keys table (DATABASE_URL), asked
+//  for a key in neither and cached for AIGW_AUTH_CACHE_MS. Keys are kept
+//  only as SHA-256 digests; a presented key is hashed once, looked up by
+//  digest, and confirmed with CRYPTO_memcmp.
 //
-//  With no keys configured at all (neither variable set), every request is
-//  refused (401) unless open mode is on (AIGW_AUTH_OPEN=1): then every
-//  request passes as user "anonymous".
+//  With no keys configured at all (neither variable set, and the store off
+//  or without a single row in api_keys), every request is refused (401)
+//  unless open mode is on (AIGW_AUTH_OPEN=1): then every request passes as
+//  user "anonymous".
 //
 //  The gw_auth_t class holds the key store and the decision; the actor
 //  wraps it in a worker session. Commands on the actor's pipe:
@@ -40,7 +44,7 @@ typedef struct _gw_envelope_t gw_envelope_t;
 
 //  What to answer when a request is refused.
 typedef struct {
-    uint16_t status;  //  401 or 403
+    uint16_t status;  //  401, 403, or 503 (the SQL store is unavailable)
     const char *type;  //  OpenAI error type (static string)
     const char *code;  //  OpenAI error code (static string)
     char message[384];  //  human-readable message
@@ -64,8 +68,20 @@ int gw_auth_add_keys (gw_auth_t *self, const char *list);
 int gw_auth_set_keys_file (
     gw_auth_t *self, const char *path, char *error, size_t error_size);
 
+//  Also look keys up in the SQL store at url (NULL or "" = gw_store's
+//  default, "var/aigw.db"): a key whose digest is in neither the list nor
+//  the file is looked up in api_keys (active rows only) and becomes user =
+//  user_name, group = the user's group ("default" if none), tenant.key =
+//  key_id, the key's models and name. Answers (found or not) are cached for
+//  cache_ms (>= 0). Opens the store now: returns 0, or -1 if it cannot be
+//  reached (logged; retried about once a second on use, while keys not in
+//  the list or file get 503 auth_store_unavailable).
+int gw_auth_set_store (gw_auth_t *self, const char *url, int cache_ms);
+
 //  Open mode: with no keys configured (no list keys and no keys file), let
-//  every request through as user "anonymous". Ignored once keys exist.
+//  every request through as user "anonymous". Ignored once keys exist,
+//  including any row (even revoked) in the store's api_keys; refused with
+//  503 while a store in use cannot be reached.
 void gw_auth_set_open (gw_auth_t *self, bool open);
 
 //  Reload the keys file if it changed since the last load (force: reload
