@@ -856,13 +856,14 @@ typedef struct {
     int64_t cost;
 } s_debit_t;
 
-static const gw_usage_event_t *s_sort_events;  //  qsort context (one thread)
-
+//  Order event indexes by request id (qsort_r: stores in several threads
+//  sort at once, so the events come as the context, not a global).
 static int
-s_compare_rid (const void *a, const void *b)
+s_compare_rid (const void *a, const void *b, void *context)
 {
+    const gw_usage_event_t *events = (const gw_usage_event_t *)context;
     size_t ia = *(const size_t *)a, ib = *(const size_t *)b;
-    int rc = memcmp (s_sort_events[ia].rid, s_sort_events[ib].rid, 16);
+    int rc = memcmp (events[ia].rid, events[ib].rid, 16);
     return rc ? rc : (ia < ib ? -1 : ia > ib);
 }
 
@@ -1012,9 +1013,7 @@ gw_store_record_usage (gw_store_t *self, gw_usage_event_t *events, size_t count)
     assert (order && debits);
     for (size_t i = 0; i < count; i++)
         order[i] = i;
-    s_sort_events = events;
-    qsort (order, count, sizeof (size_t), s_compare_rid);
-    s_sort_events = NULL;
+    qsort_r (order, count, sizeof (size_t), s_compare_rid, (void *)events);
     //  One retry after a reset: a connection that broke while idle is only
     //  noticed by the first statement.
     for (int attempt = 0; attempt < 2; attempt++) {
