@@ -988,6 +988,28 @@ s_exchange (s_req_t *req, gw_msg_t **request_p, bool stream)
     }
 }
 
+//  The usage the backend reported (ann.usage, STAGES.md §2), as headers a
+//  client can read without parsing the body: x-aigw-prompt-tokens,
+//  x-aigw-completion-tokens, x-aigw-total-tokens.
+static void
+s_usage_headers (msgpack_sbuffer *extra, gw_envelope_t *env)
+{
+    size_t size = 0;
+    const void *raw = gw_envelope_ann_raw (env, "usage", &size);
+    if (!raw)
+        return;
+    static const char *fields[] = {"prompt_tokens", "completion_tokens", "total_tokens"};
+    static const char *names[] = {"prompt", "completion", "total"};
+    for (int i = 0; i < 3; i++) {
+        gw_mreader_t reader;
+        gw_mvalue_t value;
+        gw_mreader_init (&reader, raw, size);
+        if (gw_mreader_find (&reader, fields[i]) == 0 &&
+            gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT)
+            s_addf (extra, "x-aigw-%s-tokens: %" PRIu64 "\r\n", names[i], value.v.u);
+    }
+}
+
 //  Collect extra response headers from a FINAL envelope into thread->extra:
 //  x-aigw-channel, Retry-After (429/503), and ann.headers (str -> str).
 static void
@@ -1001,6 +1023,7 @@ s_final_headers (s_req_t *req, gw_envelope_t *env, int status)
     int64_t retry = gw_envelope_ann_int (env, "retry_after", -1);
     if (retry >= 0 && (status == 429 || status == 503))
         s_addf (extra, "Retry-After: %" PRId64 "\r\n", retry);
+    s_usage_headers (extra, env);
     size_t size = 0;
     const void *raw = gw_envelope_ann_raw (env, "headers", &size);
     if (!raw)

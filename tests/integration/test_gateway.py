@@ -487,3 +487,20 @@ def test_scale_out_and_killed_processes(make_mock, make_gateway, procs) -> None:
             assert status == 200, body
     finally:
         bus.close()
+
+
+# --------------------------------------------------------------------------
+# Usage headers
+
+
+def test_non_stream_responses_carry_the_usage_as_headers(make_mock, make_gateway) -> None:
+    """The provider's usage is readable without parsing the body."""
+    a = make_mock("a")
+    gw = make_gateway([channel("a", a)])
+    status, headers, body = gw.chat(content="how many tokens is this")
+    assert status == 200, body
+    usage = json.loads(body)["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0, usage
+    assert headers.get("x-aigw-prompt-tokens") == str(usage["prompt_tokens"]), headers
+    assert headers.get("x-aigw-completion-tokens") == str(usage["completion_tokens"]), headers
+    assert headers.get("x-aigw-total-tokens") == str(usage["total_tokens"]), headers
