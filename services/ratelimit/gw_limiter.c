@@ -25,6 +25,9 @@
 //                                M<yyyymm>), expiring a grace after its end.
 //    {P}:rl:bg:<scope>           budget spent (micro-units), TTL 400 days
 //                                from its last use.
+//    {P}:rl:bs:<scope>           budget settled: the sum of the actual
+//                                costs settled (no holds), TTL 400 days
+//                                (read by the balance refresh).
 //
 //  GCRA (rate limits): emission interval T = 60 s / rate, bucket of B units
 //  (burst; B = tpm for tokens). A request of n units at time now conforms
@@ -54,7 +57,7 @@
 #include <math.h>
 
 #define KEY_MAX (64 + GW_LIMITER_SCOPE_MAX)
-#define KEYS_PER_SCOPE 8
+#define KEYS_PER_SCOPE 9
 #define ARGS_PER_SCOPE 17
 #define KEYS_MAX (1 + KEYS_PER_SCOPE * GW_LIMITER_SCOPES_MAX)
 #define BUDGET_TTL_MS (400LL * 86400 * 1000)
@@ -95,7 +98,7 @@ static const char *s_admit_lua =
     "local masks = {}\n"
     "local steps = {}\n"
     "for i = 0, n - 1 do\n"
-    "  local k = 1 + i * 8\n"
+    "  local k = 1 + i * 9\n"
     "  local a = 17 + i * 17\n"
     "  local rpm = tonumber(ARGV[a + 1])\n"
     "  local burst = tonumber(ARGV[a + 2])\n"
@@ -228,7 +231,7 @@ static const char *s_settle_lua =
     "if ARGV[5] == '1' then dt = -tk dc = -c end\n"
     "if ARGV[5] == '2' then dt = 0 dc = 0 end\n"
     "for i = 0, n - 1 do\n"
-    "  local k = 1 + i * 8\n"
+    "  local k = 1 + i * 9\n"
     "  local m = tonumber(redis.call('HGET', rec, 'm' .. i)) or 0\n"
     "  local T = tonumber(redis.call('HGET', rec, 'T' .. i)) or 0\n"
     "  if bit.band(m, 1) ~= 0 and dt ~= 0 and T > 0 then\n"
@@ -259,6 +262,10 @@ static const char *s_settle_lua =
     "    if redis.call('INCRBY', bg, dc) < 0 then\n"
     "      redis.call('SET', bg, 0, 'KEEPTTL')\n"
     "    end\n"
+    "  end\n"
+    "  if bit.band(m, 64) ~= 0 and ARGV[5] == '0' and tonumber(ARGV[4]) > 0 then\n"
+    "    redis.call('INCRBY', KEYS[k + 9], ARGV[4])\n"
+    "    redis.call('PEXPIRE', KEYS[k + 9], 34560000000)\n"
     "  end\n"
     "end\n"
     "if ARGV[5] ~= '2' then redis.call('HSET', rec, 's', 2) end\n"
@@ -658,6 +665,7 @@ s_keys (const char *prefix, const char *rid_hex, size_t count, const char *const
             snprintf (
                 k[3 + w], KEY_MAX, "{%s}:rl:q:%s:%s", prefix, windows->id[w], scopes[i]);
         snprintf (k[7], KEY_MAX, "{%s}:rl:bg:%s", prefix, scopes[i]);
+        snprintf (k[8], KEY_MAX, "{%s}:rl:bs:%s", prefix, scopes[i]);
     }
 }
 
@@ -974,6 +982,11 @@ s_mem_settle (gw_limiter_t *self, char keys[][KEY_MAX], const char *rid_hex, dou
             if (entry->num < 0)
                 entry->num = 0;
         }
+        if ((mask & 64) && release == 0 && cost > 0) {
+            entry = s_put (self, k[8], now_ms);
+            entry->num += cost;
+            entry->expires = now_ms + BUDGET_TTL_MS;
+        }
     }
     if (release != 2)
         record->state = 2;
@@ -1150,7 +1163,7 @@ s_redis_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
     char keys[][KEY_MAX], const char *rid_hex, const s_windows_t *windows, int64_t ref_ms,
     const char *scope_list, gw_limiter_result_t *result)
 {
-    //  KEYS: record, then 8 per scope. ARGV: 1 now µs (0 = TIME), 2 rid,
+    //  KEYS: record, then 9 per scope. ARGV: 1 now µs (0 = TIME), 2 rid,
     //  3 tokens, 4 cost, 5 lease ms, 6 scopes, 7 budget TTL ms, 8..11
     //  window ends, 12..15 window expiries, 16 reference ms, 17 scope list,
     //  then 17 numbers per scope (rpm, burst, tpm, concurrency, requests[4],
@@ -1443,6 +1456,48 @@ gw_limiter_unlease (gw_limiter_t *self, const uint8_t rid[16])
     return s_finish (self, rid, 0, 0, 2);
 }
 
+int
+gw_limiter_budget_settled (gw_limiter_t *self, const char *scope, uint64_t *settled)
+{
+    assert (self);
+    assert (scope && *scope && strlen (scope) <= GW_LIMITER_SCOPE_MAX);
+    assert (settled);
+    char key[KEY_MAX];
+    snprintf (key, KEY_MAX, "{%s}:rl:bs:%s", self->prefix, scope);
+    int rc = -1;
+    pthread_mutex_lock (&self->mutex);
+    if (!self->redis) {
+        int64_t now_ms = (int64_t)floor (s_now_us (self) / 1000);
+        s_entry_t *entry = s_get (self, key, now_ms);
+        *settled = entry && entry->num > 0 ? (uint64_t)entry->num : 0;
+        pthread_mutex_unlock (&self->mutex);
+        return 0;
+    }
+    if (s_ready (self)) {
+        const char *argv[] = {"GET", key};
+        redisReply *reply = s_command (self, 2, argv, NULL);
+        if (reply) {
+            if (reply->type == REDIS_REPLY_NIL) {
+                *settled = 0;
+                rc = 0;
+            }
+            else if (reply->type == REDIS_REPLY_STRING) {
+                char *end = NULL;
+                long long value = strtoll (reply->str, &end, 10);
+                if (end && !*end && end != reply->str) {
+                    *settled = value > 0 ? (uint64_t)value : 0;
+                    rc = 0;
+                }
+            }
+            freeReplyObject (reply);
+        }
+    }
+    if (rc < 0)
+        self->failed_calls++;
+    pthread_mutex_unlock (&self->mutex);
+    return rc;
+}
+
 //  --------------------------------------------------------------------------
 //  Self test
 
@@ -1617,6 +1672,15 @@ s_semantics (gw_limiter_t *self, bool verbose)
     //  Actual above the estimate is charged too (no free overage).
     assert (gw_limiter_settle (self, rid3, 0, 450) == 1);
     assert (s_try (self, "user:b", &budget, 0, 0, &result, NULL) == 1);
+    //  The settled sum counts actual costs only (no holds, no releases).
+    uint64_t settled = 1;
+    assert (gw_limiter_budget_settled (self, "user:b", &settled) == 0);
+    assert (settled == 550);
+    assert (gw_limiter_settle (self, rid3, 0, 450) == 0);  //  no double count
+    assert (gw_limiter_budget_settled (self, "user:b", &settled) == 0);
+    assert (settled == 550);
+    assert (gw_limiter_budget_settled (self, "user:none", &settled) == 0);
+    assert (settled == 0);
 
     //  Idempotent admit: the same rid twice reserves once.
     gw_limits_t one = {0};

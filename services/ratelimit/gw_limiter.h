@@ -155,6 +155,13 @@ int gw_limiter_release (gw_limiter_t *self, const uint8_t rid[16]);
 //  held, 0 if unknown or finished, -1 if the store is unavailable.
 int gw_limiter_unlease (gw_limiter_t *self, const uint8_t rid[16]);
 
+//  The actual cost settled so far against scope's budget counter (the sum
+//  of the costs given to settle for requests that held on a budget of
+//  scope; holds and releases excluded), micro-units. The balance refresh
+//  of the ratelimit stage reads it (docs/LIMITS.md "Balance"). Returns 0,
+//  or -1 if the back end is unavailable.
+int gw_limiter_budget_settled (gw_limiter_t *self, const char *scope, uint64_t *settled);
+
 //  "memory" or "redis".
 const char *gw_limiter_backend (gw_limiter_t *self);
 

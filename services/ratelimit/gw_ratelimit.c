@@ -23,6 +23,7 @@
 
 #include "aigw.h"
 #include "gw_ratelimit.h"
+#include "gw_store.h"
 #include <sys/stat.h>
 
 #define KINDS 5
@@ -55,6 +56,16 @@ typedef struct {
     zhashx_t *entries[KINDS];  //  name -> gw_limits_t, resolved
 } s_config_t;
 
+//  One user's balance, as last read from the store (docs/LIMITS.md
+//  "Balance"): the dynamic budget limit of scope user:<name>.
+typedef struct {
+    int64_t balance;  //  B, micro-units, at the last read
+    uint64_t limit;  //  L = B + S (S = cost settled on the scope at the read)
+    char scope[GW_LIMITER_SCOPE_MAX + 1];  //  "user:<name>"
+} s_balance_t;
+
+#define BALANCE_USERS_MAX 1000000
+
 typedef struct {
     char *path;  //  watched file, or NULL
     struct timespec mtime;  //  at the last load attempt
@@ -73,6 +84,15 @@ struct _gw_ratelimit_t {
     s_watch_t prices_file;  //  AIGW_PRICES_FILE
     int64_t checked_at;  //  mono ms of the last stat
     bool verbose;  //  log decisions
+    //  Balance enforcement (AIGW_ENFORCE_BALANCE), off unless balance_url
+    char *balance_url;  //  DATABASE_URL of the store, or NULL
+    gw_store_t *store;  //  opened lazily, NULL while unavailable
+    int64_t store_retry_at;  //  mono ms: next attempt to open the store
+    bool store_down;  //  in an outage (logged once)
+    int64_t store_failures;  //  reads failed during the outage
+    int balance_refresh_ms;  //  AIGW_BALANCE_REFRESH_MS
+    int64_t balance_refreshed_at;  //  mono ms of the last refresh
+    zhashx_t *balances;  //  user name -> s_balance_t
 };
 
 //  --------------------------------------------------------------------------
@@ -147,6 +167,9 @@ gw_ratelimit_destroy (gw_ratelimit_t **self_p)
         zhashx_destroy (&self->prices);
         free (self->limits_file.path);
         free (self->prices_file.path);
+        gw_store_destroy (&self->store);
+        zhashx_destroy (&self->balances);
+        free (self->balance_url);
         free (self);
         *self_p = NULL;
     }
@@ -657,7 +680,150 @@ gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size
     const char *prices = gw_env ("AIGW_PRICES_FILE", NULL);
     if (prices && gw_ratelimit_set_prices_file (self, prices, error, error_size))
         return -1;
+    const char *enforce = gw_env ("AIGW_ENFORCE_BALANCE", "0");
+    if (!streq (enforce, "0") && !streq (enforce, "1"))
+        return s_fail (error, error_size, "AIGW_ENFORCE_BALANCE must be 0 or 1");
+    if (streq (enforce, "1")) {
+        const char *text = gw_env ("AIGW_BALANCE_REFRESH_MS", "1000");
+        char *end;
+        errno = 0;
+        long value = strtol (text, &end, 10);
+        if (!isdigit ((unsigned char)*text) || *end || errno || value < 10 ||
+            value > 3600000)
+            return s_fail (error, error_size,
+                "AIGW_BALANCE_REFRESH_MS must be a whole number 10..3600000");
+        gw_ratelimit_set_balance (
+            self, gw_env ("DATABASE_URL", "var/aigw.db"), (int)value);
+    }
     return 0;
+}
+
+//  --------------------------------------------------------------------------
+//  Balance (docs/LIMITS.md "Balance")
+
+void
+gw_ratelimit_set_balance (gw_ratelimit_t *self, const char *url, int refresh_ms)
+{
+    assert (self);
+    free (self->balance_url);
+    self->balance_url = NULL;
+    gw_store_destroy (&self->store);
+    zhashx_destroy (&self->balances);
+    if (!url)
+        return;
+    self->balance_url = strdup (url);
+    assert (self->balance_url);
+    self->balance_refresh_ms = refresh_ms > 0 ? refresh_ms : 1000;
+    self->balances = zhashx_new ();
+    assert (self->balances);
+    zhashx_set_destructor (self->balances, (zhashx_destructor_fn *)zstr_free);
+    self->store_retry_at = 0;
+    self->store_down = false;
+}
+
+static void
+s_store_outage (gw_ratelimit_t *self, const char *why)
+{
+    gw_store_destroy (&self->store);
+    self->store_retry_at = gw_mono_ms () + 1000;
+    self->store_failures++;
+    if (!self->store_down) {
+        self->store_down = true;
+        self->store_failures = 1;
+        gw_warn ("ratelimit: balance store unavailable (%s): failing %s for users whose "
+                 "balance is not known yet",
+            why,
+            gw_limiter_fail_open (self->limiter)
+                ? "OPEN (admitted without a balance check)"
+                : "CLOSED (refused with 429)");
+    }
+}
+
+//  The store, opened on demand; NULL while unavailable (retried each second).
+static gw_store_t *
+s_store (gw_ratelimit_t *self)
+{
+    if (!self->store && gw_mono_ms () >= self->store_retry_at) {
+        char error[256] = "";
+        self->store = gw_store_new (self->balance_url, error, sizeof (error));
+        if (!self->store)
+            s_store_outage (self, error);
+    }
+    return self->store;
+}
+
+//  Read user's balance B and the settled cost S of its scope (S first, so a
+//  cost committed and settled between the two reads is counted, never
+//  missed) and set its limit L = B + S. Returns 0, or -1 if the store or
+//  the limiter is unavailable (entry unchanged).
+static int
+s_balance_read (gw_ratelimit_t *self, const char *user, s_balance_t *entry)
+{
+    uint64_t settled = 0;
+    if (gw_limiter_budget_settled (self->limiter, entry->scope, &settled))
+        return -1;
+    gw_store_t *store = s_store (self);
+    if (!store)
+        return -1;
+    int64_t balance = 0;
+    int rc = gw_store_user_get (store, user, NULL, 0, &balance);
+    if (rc == 1)
+        balance = 0;  //  no such user: nothing to spend
+    else if (rc != 0) {
+        char why[256];
+        snprintf (why, sizeof (why), "%s", gw_store_error (store));
+        s_store_outage (self, why);
+        return -1;
+    }
+    if (self->store_down) {
+        gw_info ("ratelimit: balance store available again (%" PRId64
+                 " read(s) failed meanwhile)",
+            self->store_failures);
+        self->store_down = false;
+    }
+    entry->balance = balance;
+    entry->limit = balance > 0 ? (uint64_t)balance + settled : 0;
+    return 0;
+}
+
+//  Refresh every user seen, at most every balance_refresh_ms.
+static void
+s_balance_refresh (gw_ratelimit_t *self)
+{
+    int64_t now = gw_mono_ms ();
+    if (now - self->balance_refreshed_at < self->balance_refresh_ms &&
+        now >= self->balance_refreshed_at)
+        return;
+    self->balance_refreshed_at = now;
+    for (s_balance_t *entry = (s_balance_t *)zhashx_first (self->balances); entry;
+         entry = (s_balance_t *)zhashx_next (self->balances)) {
+        const char *user = (const char *)zhashx_cursor (self->balances);
+        if (s_balance_read (self, user, entry))
+            break;  //  keep the last limits (still conservative), retry later
+    }
+}
+
+//  The balance entry of user, read synchronously on first sight; NULL if
+//  it is not known and cannot be read now.
+static s_balance_t *
+s_balance (gw_ratelimit_t *self, const char *user, const char *scope)
+{
+    s_balance_refresh (self);
+    s_balance_t *entry = (s_balance_t *)zhashx_lookup (self->balances, user);
+    if (entry)
+        return entry;
+    entry = (s_balance_t *)zmalloc (sizeof (s_balance_t));
+    assert (entry);
+    size_t length = strnlen (scope, sizeof (entry->scope) - 1);
+    memcpy (entry->scope, scope, length);  //  zmalloc'd: terminated
+    if (s_balance_read (self, user, entry)) {
+        free (entry);
+        return NULL;
+    }
+    if (zhashx_size (self->balances) >= BALANCE_USERS_MAX)
+        zhashx_purge (self->balances);  //  re-read on next sight
+    zhashx_insert (self->balances, user, entry);
+    return entry;
 }
 
 //  --------------------------------------------------------------------------
@@ -991,6 +1157,8 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
         gw_envelope_tenant_str (envelope, "group"), model,
         gw_envelope_ann_str (envelope, "ip")};
     bool lease = false;
+    int balance_at = -1;  //  index of the scope whose budget is the balance
+    int64_t balance = 0;
     for (int k = 0; k < KINDS; k++) {
         if (!ids[k] || !*ids[k])
             continue;
@@ -998,11 +1166,38 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
             (const gw_limits_t *)zhashx_lookup (self->config->entries[k], ids[k]);
         if (!limits)
             limits = &self->config->defaults[k];
-        if (gw_limits_empty (limits))
+        bool by_balance = k == 1 && self->balance_url;
+        if (gw_limits_empty (limits) && !by_balance)
             continue;
         s_scope_name (s_kinds[k], ids[k], names[k], sizeof (names[k]));
-        request.scope[request.scopes] = names[k];
         request.limits[request.scopes] = *limits;
+        if (by_balance) {
+            s_balance_t *entry = s_balance (self, ids[k], names[k]);
+            if (!entry && !gw_limiter_fail_open (self->limiter)) {
+                gw_envelope_set_ann_int (envelope, "retry_after", 1);
+                return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded",
+                    1,
+                    "The balance of user %s cannot be checked right now (the store is "
+                    "unavailable), so the request was refused. Please try again shortly.",
+                    names[k] + 5);
+            }
+            if (entry && entry->balance <= 0)
+                return s_refuse (refusal, 429, "insufficient_quota", "insufficient_quota",
+                    -1,
+                    "You exceeded your current quota: the balance of %s is %" PRId64
+                    " micro-units. Add credit to continue.",
+                    names[k], entry->balance);
+            if (entry) {
+                gw_limits_t *mine = &request.limits[request.scopes];
+                if (!mine->budget || mine->budget > entry->limit)
+                    mine->budget = entry->limit;
+                balance_at = (int)request.scopes;
+                balance = entry->balance;
+            }
+            if (gw_limits_empty (&request.limits[request.scopes]))
+                continue;  //  failing open for this user, no other limit
+        }
+        request.scope[request.scopes] = names[k];
         request.scopes++;
         lease = lease || limits->concurrency > 0;
     }
@@ -1049,6 +1244,12 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
     char wait[32] = "";
     if (retry >= 0)
         s_duration (result.retry_after_ms, wait, sizeof (wait));
+    if (result.limit == GW_LIMIT_BUDGET && result.scope == balance_at)
+        return s_refuse (refusal, 429, "insufficient_quota", "insufficient_quota", -1,
+            "You exceeded your current quota: the balance of %s (%" PRId64
+            " micro-units, less requests in flight) cannot cover this request's hold "
+            "of %" PRIu64 " micro-units. Add credit or lower max_tokens.",
+            scope, balance, request.cost);
     if (result.limit == GW_LIMIT_BUDGET ||
         (result.limit >= GW_LIMIT_COST && result.limit < GW_LIMIT_BUDGET))
         return s_refuse (refusal, 429, "insufficient_quota", "insufficient_quota", retry,
@@ -1323,6 +1524,89 @@ s_json_frame (const char *json)
     zframe_t *frame = zframe_new (sbuf.data, sbuf.size);
     msgpack_sbuffer_destroy (&sbuf);
     return frame;
+}
+
+//  Admit one chat for user on self directly; returns GW_OK or GW_DONE.
+static int
+s_admit_user (gw_ratelimit_t *self, const char *user, uint8_t rid[16],
+    gw_ratelimit_refusal_t *refusal)
+{
+    gw_envelope_t *env = gw_envelope_new ();
+    assert (env);
+    gw_rid_new (rid);
+    gw_envelope_set_rid (env, rid);
+    gw_envelope_set_model (env, "m");
+    gw_envelope_set_ann_str (env, "op", "chat");
+    gw_envelope_set_tenant_str (env, "user", user);
+    zframe_t *body = s_json_frame ("{\"messages\":[],\"max_tokens\":100}");
+    int rc =
+        gw_ratelimit_admit (self, env, zframe_data (body), zframe_size (body), refusal);
+    zframe_destroy (&body);
+    gw_envelope_destroy (&env);
+    return rc;
+}
+
+//  Balance enforcement over a SQLite store (docs/LIMITS.md "Balance").
+static void
+s_balance_test (const char *prices_path)
+{
+    char db[128], error[256];
+    snprintf (db, sizeof (db), "/tmp/aigw-rl-balance-%d.db", getpid ());
+    unlink (db);
+    gw_store_t *store = gw_store_new (db, error, sizeof (error));
+    assert (store);
+    assert (gw_store_user_set (store, "rich", "default") == 0);
+    assert (gw_store_user_credit (store, "rich", 1000) == 0);
+    assert (gw_store_user_set (store, "broke", "default") == 0);
+    gw_limiter_t *limiter = gw_limiter_new (NULL);
+    gw_ratelimit_t *self = gw_ratelimit_new (&limiter);
+    assert (gw_ratelimit_set_prices_file (self, prices_path, error, sizeof (error)) == 0);
+    gw_ratelimit_set_balance (self, db, 10);
+    gw_ratelimit_refusal_t refusal;
+    uint8_t rid[16], rid2[16], rid3[16];
+    //  Each chat holds 300 (100 output tokens × 2 µ × 1.5): 3 holds fit 1000.
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_OK);
+    assert (s_admit_user (self, "rich", rid2, &refusal) == GW_OK);
+    assert (s_admit_user (self, "rich", rid3, &refusal) == GW_OK);
+    assert (s_admit_user (self, "rich", rid3, &refusal) == GW_DONE);
+    assert (streq (refusal.code, "insufficient_quota") && refusal.retry_after == -1);
+    //  Billing commits 100 for rid (balance 900) and settles it: 100 spent
+    //  + 600 held of L = 1000 before the refresh; after it L = 900 + 100.
+    assert (gw_store_user_credit (store, "rich", -100) == 0);
+    assert (gw_limiter_settle (self->limiter, rid, 0, 100) == 1);
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_OK);  //  100 + 900
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_DONE);
+    zclock_sleep (20);  //  refresh: B 900, S 100, L 1000; held 900
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_DONE);
+    //  A credit reopens it at the next refresh.
+    assert (gw_store_user_credit (store, "rich", 300) == 0);
+    zclock_sleep (20);
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_OK);
+    //  No balance, or no such user: refused at once.
+    assert (s_admit_user (self, "broke", rid, &refusal) == GW_DONE);
+    assert (streq (refusal.code, "insufficient_quota"));
+    assert (s_admit_user (self, "nobody", rid, &refusal) == GW_DONE);
+    assert (streq (refusal.code, "insufficient_quota"));
+    //  Off by default: no balance, no refusal.
+    gw_ratelimit_set_balance (self, NULL, 0);
+    assert (s_admit_user (self, "broke", rid, &refusal) == GW_OK);
+    gw_ratelimit_destroy (&self);
+    //  Store unavailable (a directory): failing closed refuses unseen users.
+    limiter = gw_limiter_new (NULL);
+    self = gw_ratelimit_new (&limiter);
+    gw_ratelimit_set_balance (self, "/proc/aigw-no-such-dir/x.db", 10);
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_DONE);
+    assert (streq (refusal.code, "rate_limit_exceeded") && refusal.retry_after == 1);
+    gw_limiter_set_fail_open (self->limiter, true);
+    assert (s_admit_user (self, "rich", rid, &refusal) == GW_OK);
+    gw_ratelimit_destroy (&self);
+    gw_store_destroy (&store);
+    unlink (db);
+    char path[160];
+    snprintf (path, sizeof (path), "%s-wal", db);
+    unlink (path);
+    snprintf (path, sizeof (path), "%s-shm", db);
+    unlink (path);
 }
 
 static void
@@ -1699,6 +1983,7 @@ gw_ratelimit_test (bool verbose)
     zactor_destroy (&actor);
     zactor_destroy (&broker);
     zstr_free (&endpoint);
+    s_balance_test (prices_path);
     unlink (limits_path);
     unlink (prices_path);
     printf ("OK\n");

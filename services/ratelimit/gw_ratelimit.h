@@ -70,7 +70,8 @@ void gw_ratelimit_destroy (gw_ratelimit_t **self_p);
 
 //  Read RATE_LIMIT_REQUESTS_PER_MINUTE, RATE_LIMIT_BURST, AIGW_TPM,
 //  AIGW_MAX_CONCURRENT (defaults for the key scope), AIGW_DEFAULT_MAX_TOKENS,
-//  AIGW_PRICE_MULTIPLIER, AIGW_LIMITS_FILE and AIGW_PRICES_FILE. Returns 0,
+//  AIGW_PRICE_MULTIPLIER, AIGW_LIMITS_FILE, AIGW_PRICES_FILE and
+//  AIGW_ENFORCE_BALANCE (with DATABASE_URL, AIGW_BALANCE_REFRESH_MS). Returns 0,
 //  or -1 with a message in error.
 int gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size);
 
@@ -80,6 +81,14 @@ int gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_
 //  next load of the file. Returns -1 for an unknown kind.
 int gw_ratelimit_set_defaults (
     gw_ratelimit_t *self, const char *kind, const gw_limits_t *limits);
+
+//  Enforce the prepaid balance of every user (AIGW_ENFORCE_BALANCE=1,
+//  docs/LIMITS.md "Balance"): the budget of scope user:<name> becomes
+//  L = B + S, B the user's balance read from the store at url (opened on
+//  demand), S the cost settled on the scope, re-read every refresh_ms.
+//  url NULL turns enforcement off. configure_env calls it from
+//  AIGW_ENFORCE_BALANCE, DATABASE_URL and AIGW_BALANCE_REFRESH_MS.
+void gw_ratelimit_set_balance (gw_ratelimit_t *self, const char *url, int refresh_ms);
 
 //  Load the limits file (docs/LIMITS.md). Returns 0, or -1 with a message
 //  naming the entry and field (the previous configuration stays).

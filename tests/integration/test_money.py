@@ -34,6 +34,7 @@ import json
 import os
 import random
 import re
+import sqlite3
 import subprocess
 import threading
 import time
@@ -44,8 +45,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from conftest import wait_for
-from gateway import (KEY, ChunkedReader, Gateway, assert_openai_error, channel, chat,
-                     sse_events)
+from gateway import (KEY, ChunkedReader, Gateway, assert_openai_error, binary, channel,
+                     chat, sse_events)
 
 #  USD per 1M tokens, as the price file states them; MICROS the same in
 #  half micro-units per token (input, output), exact, for the arithmetic here.
@@ -440,6 +441,117 @@ def test_budget_is_never_overshot_and_fully_usable(make_mock, make_gateway) -> N
     assert 0 <= budget - spent < est, f"spent {spent} of {budget} (hold {est})"
     # (budget - 4 x first - est) // cheap + 1 requests fit after wave 1.
     assert admitted == (budget - 4 * first - est) // cheap + 1
+
+
+# --------------------------------------------------------------------------
+# b2. The prepaid balance (AIGW_ENFORCE_BALANCE=1): never overshot, refilled
+
+
+def test_balance_is_never_overshot_and_credit_reopens(make_mock, make_gateway) -> None:
+    """User "default" (the static key's user) holds N micro-units in billing's
+    store; ratelimit enforces it (AIGW_ENFORCE_BALANCE=1, same DATABASE_URL).
+    40 concurrent requests: exactly N // estimate are admitted (holds) and
+    their billed sum is within N. Then requests one by one until refused
+    with insufficient_quota and less than one estimate left: the ledger never
+    exceeds N and the store's balance is N minus the ledger. Crediting more
+    with aigw-admin lets requests through again within about 2 s."""
+    content = " ".join(["ab"] * 20)
+    max_tokens = 200
+    est = estimate_cost(content, max_tokens)
+    assert est == 632
+    first = actual_cost("mock-gpt", 20, 150)
+    funds = 4 * est + 300
+    mock = make_mock()
+    mock.config(chunks=150, latency_ms=500)
+    gw = make_gateway([channel("a", mock)], prices=PRICES,
+                      stage_env={"ratelimit": {"AIGW_ENFORCE_BALANCE": "1"}})
+    if gw.sqlite_path is None:
+        pytest.skip("seeds the balance through SQLite")
+    db = gw.sqlite_path
+
+    def write(query: str, *args: Any) -> None:
+        conn = sqlite3.connect(db, timeout=10)
+        try:
+            with conn:
+                conn.execute(query, args)
+        finally:
+            conn.close()
+
+    def balance() -> int:
+        rows = gw.sql("SELECT balance_micros FROM users WHERE name = 'default'")
+        return to_int(rows[0][0]) if rows else 0
+
+    wait_for(lambda: bool(gw.sql("SELECT name FROM sqlite_master WHERE name = 'users'")),
+             10, "billing's store")
+    write("INSERT INTO users (name, balance_micros, created_ms) VALUES ('default', ?, ?) "
+          "ON CONFLICT (name) DO UPDATE SET balance_micros = excluded.balance_micros",
+          funds, int(time.time() * 1000))
+
+    # Wave 1: 40 at once; the balance admits exactly funds // est holds.
+    results, _ = burst(gw, [chat(content=content, max_tokens=max_tokens)
+                            for _ in range(40)])
+    ok = [r for r in results if r[0] == 200]
+    assert len(ok) == funds // est == 4, (
+        f"{len(ok)} of 40 concurrent requests admitted; balance {funds} allows "
+        f"{funds // est} holds of {est}\n{gw.logs()[-3000:]}")
+    for status, headers, body in results:
+        if status != 200:
+            assert status == 429, body
+            err = assert_openai_error(body, status)
+            assert (err["type"], err["code"]) == ("insufficient_quota", "insufficient_quota")
+    rows = wait_rows(gw, [h["x-request-id"] for _, h, _ in ok])
+    assert sum(r["cost"] for r in rows.values()) == 4 * first <= funds
+
+    # Wave 2: cheap requests one by one until the balance cannot cover a hold.
+    mock.config(chunks=2, latency_ms=0)
+    admitted, refusals = 0, 0
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline, (
+            f"balance not usable: admitted {admitted}, balance {balance()}, "
+            f"{refusals} refusals")
+        status, _, body = gw.chat(content=content, max_tokens=max_tokens)
+        spent = sum(r["cost"] for r in ledger(gw).values())
+        assert spent <= funds, f"spent {spent} of a balance of {funds}"
+        if status == 200:
+            admitted += 1
+            assert admitted < 100, "the balance is not enforced"
+            continue
+        assert status == 429, body
+        err = assert_openai_error(body)
+        assert (err["type"], err["code"]) == ("insufficient_quota", "insufficient_quota")
+        refusals += 1
+        rows = ledger(gw)
+        if len(rows) < 4 + admitted:
+            time.sleep(0.05)
+            continue
+        spent = sum(r["cost"] for r in rows.values())
+        if funds - spent < est:
+            break
+        time.sleep(0.1)  # settled cost not refreshed yet (≤ 1 s): try again
+    rows = ledger(gw)
+    spent = sum(r["cost"] for r in rows.values())
+    assert len(rows) == 4 + admitted
+    assert 0 <= funds - spent < est, f"spent {spent} of {funds} (hold {est})"
+    assert balance() == funds - spent
+    assert admitted >= 1, "the settled holds were never given back"
+
+    # Still refused while nothing changes; then a credit reopens within ~2 s.
+    status, _, body = gw.chat(content=content, max_tokens=max_tokens)
+    assert status == 429 and assert_openai_error(body)["code"] == "insufficient_quota"
+    subprocess.run([str(binary("admin")), "--db", db, "user", "credit", "default",
+                    str(10 * est)], check=True, capture_output=True, timeout=30)
+    credited = time.monotonic()
+    while True:
+        status, _, body = gw.chat(content=content, max_tokens=max_tokens)
+        if status == 200:
+            break
+        assert status == 429, body
+        assert time.monotonic() - credited < 2.5, "a credit did not reopen the balance"
+        time.sleep(0.05)
+    print(f"balance {funds}: wave 1 4 x {first}, then {admitted} more; spent {spent}, "
+          f"{refusals} refusal(s); credit admitted after "
+          f"{time.monotonic() - credited:.2f} s")
 
 
 # --------------------------------------------------------------------------
