@@ -60,6 +60,8 @@ $(O)/gen/selftests.inc: $(HEADERS)
 	  echo "};"; } > $@.tmp && mv $@.tmp $@
 
 $(O)/aigw-selftest: CFLAGS += -I$(O)/gen
+# The co-located gateway includes every stage's header.
+$(O)/aigw-gateway: CFLAGS += $(addprefix -I,$(DIRS))
 $(O)/aigw-selftest: $(O)/gen/selftests.inc
 
 $(O)/libaigw.a: $(CLASS_OBJ)

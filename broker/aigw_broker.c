@@ -123,8 +123,7 @@ main (int argc, char *argv[])
         goto done;
     }
     gw_info ("broker listening bus=%s tap=%s", bound_bus, bound_tap);
-    while (!zsys_interrupted)
-        zclock_sleep (100);
+    gw_signals_wait (NULL, 0);
     gw_info ("broker stopping");
     status = 0;
 done:

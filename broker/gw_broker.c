@@ -879,6 +879,7 @@ s_broker_destroy (broker_t **self_p)
 void
 gw_broker_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-broker");
     broker_t *self = s_broker_new (pipe);
     zsock_signal (pipe, 0);
     int64_t now = gw_mono_ms ();

@@ -8,15 +8,6 @@
 
 #include "aigw.h"
 #include "gw_edge.h"
-#include <signal.h>
-
-static volatile sig_atomic_t s_stop;
-
-static void
-s_on_signal (int signum)
-{
-    s_stop = 1;
-}
 
 int
 main (int argc, char *argv[])
@@ -28,16 +19,8 @@ main (int argc, char *argv[])
         return 2;
     }
     gw_log_init ("edge");
-    //  czmq would install its own handlers on first use; ours decide.
-    zsys_handler_set (NULL);
+    gw_signals_block ();
     zsys_init ();
-    struct sigaction action;
-    memset (&action, 0, sizeof (action));
-    action.sa_handler = s_on_signal;
-    sigemptyset (&action.sa_mask);
-    sigaction (SIGINT, &action, NULL);
-    sigaction (SIGTERM, &action, NULL);
-    signal (SIGPIPE, SIG_IGN);
 
     gw_edge_t *edge = gw_edge_new ();
     if (gw_edge_start (edge)) {
@@ -45,8 +28,7 @@ main (int argc, char *argv[])
         zsys_shutdown ();
         return 1;
     }
-    while (!s_stop)
-        zclock_sleep (100);
+    gw_signals_wait (NULL, 0);
     gw_info ("edge: stopping");
     gw_edge_destroy (&edge);
     zsys_shutdown ();

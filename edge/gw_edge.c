@@ -1867,6 +1867,7 @@ s_io_reply (zsock_t *router, zframe_t *handler, const uint8_t rid[16], uint16_t 
 static void
 s_io_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-edge-io");
     gw_edge_t *edge = (gw_edge_t *)args;
     zsock_t *router = zsock_new (ZMQ_ROUTER);
     assert (router);

@@ -8,6 +8,7 @@
 #include "aigw.h"
 #include <sys/random.h>
 #include <time.h>
+#include <signal.h>
 
 int64_t
 gw_time_ms (void)
@@ -208,6 +209,105 @@ s_test_free (void **item_p)
     *item_p = NULL;
 }
 
+int
+gw_actor_configure (zactor_t *actor, const char *key, const char *value)
+{
+    zstr_sendx (actor, "CONFIGURE", key, value, NULL);
+    if (zsock_wait (actor) == 0)
+        return 0;
+    gw_error ("configuration %s=%s rejected", key, value);
+    return -1;
+}
+
+int
+gw_actor_configure_int (zactor_t *actor, const char *key, int64_t value)
+{
+    char text[24];
+    snprintf (text, sizeof (text), "%" PRId64, value);
+    return gw_actor_configure (actor, key, text);
+}
+
+void
+gw_thread_name (const char *name)
+{
+    char text[16];
+    snprintf (text, sizeof (text), "%s", name);
+    pthread_setname_np (pthread_self (), text);
+}
+
+static sigset_t
+s_signal_set (void)
+{
+    sigset_t set;
+    sigemptyset (&set);
+    sigaddset (&set, SIGINT);
+    sigaddset (&set, SIGTERM);
+    sigaddset (&set, SIGHUP);
+    return set;
+}
+
+void
+gw_signals_block (void)
+{
+    sigset_t set = s_signal_set ();
+    pthread_sigmask (SIG_BLOCK, &set, NULL);
+    zsys_handler_set (NULL);
+    signal (SIGPIPE, SIG_IGN);
+}
+
+int
+gw_signals_wait (zactor_t **actors, size_t count)
+{
+    sigset_t set = s_signal_set ();
+    while (true) {
+        int signum = 0;
+        if (sigwait (&set, &signum))
+            continue;
+        if (signum != SIGHUP)
+            return signum;
+        gw_info ("SIGHUP: reloading");
+        for (size_t i = 0; i < count; i++)
+            if (actors[i]) {
+                zstr_send (actors[i], "RELOAD");
+                zsock_wait (actors[i]);
+            }
+    }
+}
+
+//  A test actor: CONFIGURE answers 0 for key "size" with a value up to 9
+//  digits, 1 otherwise; RELOAD counts and answers 0; STATE reports the last
+//  value and the reloads.
+static void
+s_test_actor (zsock_t *pipe, void *args)
+{
+    char last[32] = "";
+    int reloads = 0;
+    zsock_signal (pipe, 0);
+    while (true) {
+        char *command = NULL, *key = NULL, *value = NULL;
+        if (zstr_recvx (pipe, &command, &key, &value, NULL) < 1)
+            break;
+        bool stop = streq (command, "$TERM");
+        if (streq (command, "CONFIGURE")) {
+            bool ok = key && value && streq (key, "size") && strlen (value) <= 9;
+            if (ok)
+                snprintf (last, sizeof (last), "%s", value);
+            zsock_signal (pipe, ok ? 0 : 1);
+        }
+        else if (streq (command, "RELOAD")) {
+            reloads++;
+            zsock_signal (pipe, 0);
+        }
+        else if (streq (command, "STATE"))
+            zstr_sendf (pipe, "%s/%d", last, reloads);
+        zstr_free (&command);
+        zstr_free (&key);
+        zstr_free (&value);
+        if (stop)
+            break;
+    }
+}
+
 void
 gw_util_test (bool verbose)
 {
@@ -268,5 +368,27 @@ gw_util_test (bool verbose)
     setenv ("GW_UTIL_TEST", "4x", 1);
     assert (gw_env_int ("GW_UTIL_TEST", 7, 0, 100) == 7);
     assert (streq (gw_env ("GW_UTIL_TEST_UNSET", "dflt"), "dflt"));
+
+    //  gw_actor_configure: the actor's answer decides.
+    zactor_t *actor = zactor_new (s_test_actor, NULL);
+    assert (actor);
+    assert (gw_actor_configure (actor, "size", "12") == 0);
+    assert (gw_actor_configure (actor, "colour", "red") == -1);
+    assert (gw_actor_configure_int (actor, "size", 1234567890123LL) == -1);
+    assert (gw_actor_configure_int (actor, "size", -42) == 0);
+
+    //  gw_signals_wait: SIGHUP sends RELOAD to every actor given (NULL
+    //  skipped) and goes on waiting; SIGTERM ends the wait. Thread-directed
+    //  signals, so none can reach a thread started before the block.
+    gw_signals_block ();
+    pthread_kill (pthread_self (), SIGHUP);
+    pthread_kill (pthread_self (), SIGTERM);
+    zactor_t *actors[] = {actor, NULL};
+    assert (gw_signals_wait (actors, 2) == SIGTERM);
+    zstr_send (actor, "STATE");
+    char *state = zstr_recv (actor);
+    assert (state && streq (state, "-42/1"));
+    zstr_free (&state);
+    zactor_destroy (&actor);
     printf ("OK\n");
 }

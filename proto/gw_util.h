@@ -68,6 +68,26 @@ int64_t gw_env_int (const char *name, int64_t fallback, int64_t min, int64_t max
 //  ../shared/testdata). Returns a freshly allocated string; caller frees.
 char *gw_testdata_path (const char *relative);
 
+//  Send an actor "CONFIGURE" key value and wait for its answer: 0, or -1
+//  after logging "<key>=<value> rejected" if the actor refused it.
+//  gw_actor_configure_int formats an integer value.
+int gw_actor_configure (zactor_t *actor, const char *key, const char *value);
+int gw_actor_configure_int (zactor_t *actor, const char *key, int64_t value);
+
+//  Name the calling thread (at most 15 characters kept), as top -H, perf
+//  and gdb show it: every actor names its thread "aigw-<stage>".
+void gw_thread_name (const char *name);
+
+//  Process signals for a stage's main. gw_signals_block blocks SIGINT,
+//  SIGTERM and SIGHUP in the calling thread and in every thread created
+//  after it (call it first in main, before zsys_init, libzmq, curl or an
+//  actor start threads) and turns off czmq's own handlers.
+//  gw_signals_wait then takes them synchronously: on SIGHUP it sends RELOAD
+//  to each of the count actors (NULL entries skipped) and waits for their
+//  answer; it returns the first SIGINT or SIGTERM.
+void gw_signals_block (void);
+int gw_signals_wait (zactor_t **actors, size_t count);
+
 //  Self test of this class.
 void gw_util_test (bool verbose);
 

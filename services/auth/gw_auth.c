@@ -940,6 +940,7 @@ s_on_pipe (s_actor_t *self)
 void
 gw_auth_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-auth");
     assert (args);
     s_actor_t self = {0};
     self.pipe = pipe;
@@ -982,6 +983,66 @@ gw_auth_actor (zsock_t *pipe, void *args)
     gw_worker_destroy (&self.worker);
     gw_envelope_destroy (&self.envelope);
     gw_auth_destroy (&self.auth);
+}
+
+//  --------------------------------------------------------------------------
+//  Start the auth stage configured from the environment (aigw-auth's
+//  variables) and connect it to bus. NULL after logging why.
+
+zactor_t *
+gw_auth_launch (const char *bus)
+{
+    gw_auth_t *auth = gw_auth_new ();
+    int listed = gw_auth_add_keys (auth, gw_env ("GATEWAY_API_KEYS", NULL));
+    const char *file = gw_env ("AIGW_KEYS_FILE", NULL);
+    char error[512];
+    if (file && gw_auth_set_keys_file (auth, file, error, sizeof (error))) {
+        gw_error ("auth: AIGW_KEYS_FILE %s", error);
+        gw_auth_destroy (&auth);
+        return NULL;
+    }
+    bool open = streq (gw_env ("AIGW_AUTH_OPEN", "0"), "1");
+    const char *use_store = gw_env ("AIGW_AUTH_STORE", "1");
+    if (!streq (use_store, "0") && !streq (use_store, "1")) {
+        gw_error ("auth: AIGW_AUTH_STORE must be 0 or 1");
+        gw_auth_destroy (&auth);
+        return NULL;
+    }
+    if (streq (use_store, "1")) {
+        const char *url = gw_env ("DATABASE_URL", NULL);
+        int cache_ms = (int)gw_env_int ("AIGW_AUTH_CACHE_MS", 1000, 0, 60000);
+        if (gw_auth_set_store (auth, url, cache_ms) == 0)
+            gw_info ("auth: also accepting keys from the SQL store (%s), cached %d ms",
+                url ? "DATABASE_URL" : "var/aigw.db", cache_ms);
+    }
+    if (!listed && !file) {
+        if (open)
+            gw_warn ("auth: OPEN MODE: no keys configured and AIGW_AUTH_OPEN=1, every "
+                     "request passes as user anonymous%s",
+                streq (use_store, "1") ? " while the SQL store has no keys" : "");
+        else
+            gw_warn ("auth: no keys in GATEWAY_API_KEYS or AIGW_KEYS_FILE: only keys in "
+                     "the SQL store are accepted, if enabled; set AIGW_AUTH_OPEN=1 for "
+                     "an open demo gateway");
+    }
+    else if (open)
+        gw_warn ("auth: AIGW_AUTH_OPEN ignored: keys are configured");
+    gw_auth_set_open (auth, open);
+    gw_info ("auth: %zu key(s) loaded (%d from GATEWAY_API_KEYS)", gw_auth_size (auth),
+        listed);
+
+    zactor_t *actor = zactor_new (gw_auth_actor, auth);  //  takes auth
+    assert (actor);
+    gw_actor_configure_int (
+        actor, "capacity", gw_env_int ("AIGW_AUTH_CAPACITY", 1024, 1, 65535));
+    zstr_sendx (actor, "CONNECT", bus, NULL);
+    if (zsock_wait (actor) != 0) {
+        gw_error ("auth: cannot connect to the bus at %s", bus);
+        zactor_destroy (&actor);
+        return NULL;
+    }
+    gw_info ("auth: serving on %s", bus);
+    return actor;
 }
 
 //  --------------------------------------------------------------------------

@@ -104,6 +104,13 @@ int gw_auth_check (gw_auth_t *self, gw_envelope_t *envelope, gw_auth_refusal_t *
 //  The auth actor; args is a gw_auth_t * handed over (required).
 void gw_auth_actor (zsock_t *pipe, void *args);
 
+//  Start the auth stage configured from the environment (GATEWAY_API_KEYS,
+//  AIGW_KEYS_FILE, AIGW_AUTH_OPEN, AIGW_AUTH_STORE, DATABASE_URL,
+//  AIGW_AUTH_CACHE_MS, AIGW_AUTH_CAPACITY) and connect it to bus. Returns
+//  the actor (it accepts RELOAD: re-read the keys file), or NULL after
+//  logging why. Used by aigw-auth and by the co-located aigw-gateway.
+zactor_t *gw_auth_launch (const char *bus);
+
 //  Self test of this class.
 void gw_auth_test (bool verbose);
 

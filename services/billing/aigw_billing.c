@@ -25,15 +25,6 @@ s_usage (void)
             "(default 1.5)\n");
 }
 
-static int
-s_configure (zactor_t *actor, const char *key, int64_t value)
-{
-    char text[24];
-    snprintf (text, sizeof (text), "%" PRId64, value);
-    zstr_sendx (actor, "CONFIGURE", key, text, NULL);
-    return zsock_wait (actor);
-}
-
 int
 main (int argc, char *argv[])
 {
@@ -50,71 +41,12 @@ main (int argc, char *argv[])
             return streq (argv[argn], "--help") ? 0 : 2;
         }
     }
+    gw_signals_block ();
     zsys_init ();
-    char error[512];
-    gw_store_t *store = gw_store_new (url, error, sizeof (error));
-    if (!store) {
-        fprintf (stderr, "aigw-billing: DATABASE_URL: %s\n", error);
+    zactor_t *actor = gw_billing_launch (bus, url);
+    if (!actor)
         return 1;
-    }
-    gw_info ("billing: store %s, schema version %d", gw_store_backend (store),
-        gw_store_version (store));
-    gw_billing_t *billing = gw_billing_new (&store);
-    const char *multiplier = gw_env ("AIGW_PRICE_MULTIPLIER", "1.5");
-    if (gw_billing_set_multiplier (billing, multiplier)) {
-        fprintf (stderr,
-            "aigw-billing: AIGW_PRICE_MULTIPLIER=%s: must be a decimal number 0..1000 "
-            "with at most 3 decimals\n",
-            multiplier);
-        gw_billing_destroy (&billing);
-        return 1;
-    }
-    const char *prices = gw_env ("AIGW_PRICES_FILE", NULL);
-    if (prices) {
-        int loaded = gw_billing_load_prices (billing, prices, error, sizeof (error));
-        if (loaded < 0) {
-            fprintf (stderr, "aigw-billing: AIGW_PRICES_FILE %s\n", error);
-            gw_billing_destroy (&billing);
-            return 1;
-        }
-        gw_info ("billing: %d price(s) loaded from %s", loaded, prices);
-    }
-    gw_info ("billing: global price multiplier %s", multiplier);
-
-    zactor_t *actor = zactor_new (gw_billing_actor, billing);  //  takes billing
-    assert (actor);
-    const char *settle = gw_env ("AIGW_BILLING_SETTLE", "ratelimit");
-    zstr_sendx (actor, "CONFIGURE", "settle", settle, NULL);
-    int rc = zsock_wait (actor);
-    rc |= s_configure (
-        actor, "capacity", gw_env_int ("AIGW_BILLING_CAPACITY", 1024, 1, 65535));
-    rc |= s_configure (
-        actor, "batch_max", gw_env_int ("AIGW_BILLING_BATCH_MAX", 256, 1, 4096));
-    rc |= s_configure (
-        actor, "batch_wait_ms", gw_env_int ("AIGW_BILLING_BATCH_WAIT_MS", 2, 0, 1000));
-    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
-    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
-    if (heartbeat && expiry) {
-        rc |= s_configure (actor, "heartbeat", heartbeat);
-        rc |= s_configure (actor, "expiry", expiry);
-    }
-    if (rc) {
-        fprintf (stderr,
-            "aigw-billing: bad configuration (AIGW_BILLING_SETTLE=%s must be a service "
-            "name)\n",
-            settle);
-        zactor_destroy (&actor);
-        return 1;
-    }
-    zstr_sendx (actor, "CONNECT", bus, NULL);
-    if (zsock_wait (actor) != 0) {
-        fprintf (stderr, "aigw-billing: cannot connect to the bus at %s\n", bus);
-        zactor_destroy (&actor);
-        return 1;
-    }
-    gw_info ("billing: serving on %s", bus);
-    while (!zsys_interrupted)
-        zclock_sleep (200);
+    gw_signals_wait (NULL, 0);
     gw_info ("billing: stopping");
     zactor_destroy (&actor);
     return 0;

@@ -1096,6 +1096,7 @@ s_drain_client (s_actor_t *self)
 void
 gw_billing_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-billing");
     assert (args);
     s_actor_t self;
     memset (&self, 0, sizeof (self));
@@ -1174,6 +1175,74 @@ gw_billing_actor (zsock_t *pipe, void *args)
     free (self.events);
     gw_envelope_destroy (&self.envelope);
     gw_billing_destroy (&self.billing);
+}
+
+//  --------------------------------------------------------------------------
+//  Start the billing stage configured from the environment (aigw-billing's
+//  variables) and connect it to bus. NULL after logging why.
+
+zactor_t *
+gw_billing_launch (const char *bus, const char *url)
+{
+    char error[512];
+    gw_store_t *store = gw_store_new (url, error, sizeof (error));
+    if (!store) {
+        gw_error ("billing: DATABASE_URL: %s", error);
+        return NULL;
+    }
+    gw_info ("billing: store %s, schema version %d", gw_store_backend (store),
+        gw_store_version (store));
+    gw_billing_t *billing = gw_billing_new (&store);
+    const char *multiplier = gw_env ("AIGW_PRICE_MULTIPLIER", "1.5");
+    if (gw_billing_set_multiplier (billing, multiplier)) {
+        gw_error ("billing: AIGW_PRICE_MULTIPLIER=%s: must be a decimal number 0..1000 "
+                  "with at most 3 decimals",
+            multiplier);
+        gw_billing_destroy (&billing);
+        return NULL;
+    }
+    const char *prices = gw_env ("AIGW_PRICES_FILE", NULL);
+    if (prices) {
+        int loaded = gw_billing_load_prices (billing, prices, error, sizeof (error));
+        if (loaded < 0) {
+            gw_error ("billing: AIGW_PRICES_FILE %s", error);
+            gw_billing_destroy (&billing);
+            return NULL;
+        }
+        gw_info ("billing: %d price(s) loaded from %s", loaded, prices);
+    }
+    gw_info ("billing: global price multiplier %s", multiplier);
+
+    zactor_t *actor = zactor_new (gw_billing_actor, billing);  //  takes billing
+    assert (actor);
+    int rc =
+        gw_actor_configure (actor, "settle", gw_env ("AIGW_BILLING_SETTLE", "ratelimit"));
+    rc |= gw_actor_configure_int (
+        actor, "capacity", gw_env_int ("AIGW_BILLING_CAPACITY", 1024, 1, 65535));
+    rc |= gw_actor_configure_int (
+        actor, "batch_max", gw_env_int ("AIGW_BILLING_BATCH_MAX", 256, 1, 4096));
+    rc |= gw_actor_configure_int (
+        actor, "batch_wait_ms", gw_env_int ("AIGW_BILLING_BATCH_WAIT_MS", 2, 0, 1000));
+    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
+    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
+    if (heartbeat && expiry) {
+        rc |= gw_actor_configure_int (actor, "heartbeat", heartbeat);
+        rc |= gw_actor_configure_int (actor, "expiry", expiry);
+    }
+    if (rc) {
+        gw_error (
+            "billing: bad configuration (AIGW_BILLING_SETTLE must be a service name)");
+        zactor_destroy (&actor);
+        return NULL;
+    }
+    zstr_sendx (actor, "CONNECT", bus, NULL);
+    if (zsock_wait (actor) != 0) {
+        gw_error ("billing: cannot connect to the bus at %s", bus);
+        zactor_destroy (&actor);
+        return NULL;
+    }
+    gw_info ("billing: serving on %s", bus);
+    return actor;
 }
 
 //  --------------------------------------------------------------------------

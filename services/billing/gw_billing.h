@@ -88,6 +88,14 @@ int gw_billing_price (gw_billing_t *self, const char *model, const char *group,
 //  The billing actor; args is a gw_billing_t * handed over (required).
 void gw_billing_actor (zsock_t *pipe, void *args);
 
+//  Start the billing stage on the store at url (DATABASE_URL syntax),
+//  configured from the environment (AIGW_PRICE_MULTIPLIER, AIGW_PRICES_FILE,
+//  AIGW_BILLING_SETTLE, AIGW_BILLING_CAPACITY, AIGW_BILLING_BATCH_MAX,
+//  AIGW_BILLING_BATCH_WAIT_MS, AIGW_HEARTBEAT_MS, AIGW_EXPIRY_MS) and
+//  connect it to bus. Returns the actor, or NULL after logging why. Used by
+//  aigw-billing and by aigw-gateway.
+zactor_t *gw_billing_launch (const char *bus, const char *url);
+
 //  Self test of this class: on a temporary SQLite file, and on PostgreSQL
 //  when AIGW_TEST_PG_URL is set (required if AIGW_REQUIRE_SERVICES=1).
 void gw_billing_test (bool verbose);

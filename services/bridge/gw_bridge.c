@@ -1980,6 +1980,7 @@ s_poll_timeout (s_bridge_t *self, int64_t now)
 void
 gw_bridge_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-bridge");
     s_bridge_t *self = s_bridge_new (pipe);
     zsock_signal (pipe, 0);
     while (!self->terminated) {
@@ -2034,6 +2035,59 @@ gw_bridge_actor (zsock_t *pipe, void *args)
         }
     }
     s_bridge_destroy (&self);
+}
+
+//  --------------------------------------------------------------------------
+//  Start the bridge configured from the environment (aigw-bridge's
+//  variables) and connect it to bus. NULL after logging why.
+
+zactor_t *
+gw_bridge_launch (const char *bus, bool verbose)
+{
+    zactor_t *bridge = zactor_new (gw_bridge_actor, NULL);
+    assert (bridge);
+    if (verbose)
+        zstr_send (bridge, "VERBOSE");
+    int rc = 0;
+    rc |= gw_actor_configure_int (
+        bridge, "capacity", gw_env_int ("AIGW_BRIDGE_CAPACITY", 1024, 1, 65535));
+    rc |= gw_actor_configure_int (
+        bridge, "maxconnects", gw_env_int ("AIGW_BRIDGE_MAXCONNECTS", 256, 1, 100000));
+    rc |= gw_actor_configure_int (bridge, "connect_timeout_ms",
+        gw_env_int ("AIGW_BRIDGE_CONNECT_TIMEOUT_MS", 5000, 1, 600000));
+    rc |= gw_actor_configure_int (
+        bridge, "breaker_failures", gw_env_int ("AIGW_BREAKER_FAILURES", 3, 1, 1000000));
+    rc |= gw_actor_configure_int (bridge, "breaker_cooldown_ms",
+        gw_env_int ("AIGW_BREAKER_COOLDOWN_MS", 30000, 1, 86400000));
+    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
+    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
+    if (heartbeat && expiry) {
+        rc |= gw_actor_configure_int (bridge, "heartbeat", heartbeat);
+        rc |= gw_actor_configure_int (bridge, "expiry", expiry);
+    }
+    rc |=
+        gw_actor_configure_int (bridge, "billing", gw_env_int ("AIGW_BILLING", 1, 0, 1));
+    rc |= gw_actor_configure_int (
+        bridge, "spool_max", gw_env_int ("AIGW_SPOOL_MAX", 100000, 1, 10000000));
+    rc |= gw_actor_configure_int (
+        bridge, "spool_fsync", gw_env_int ("AIGW_SPOOL_FSYNC", 0, 0, 1));
+    const char *names[] = {"spool_dir", "disconnect"};
+    const char *values[] = {
+        gw_env ("AIGW_SPOOL_DIR", "var/spool"), gw_env ("AIGW_DISCONNECT", "cancel")};
+    for (int i = 0; i < 2; i++)
+        rc |= gw_actor_configure (bridge, names[i], values[i]);
+    if (rc == 0) {
+        zstr_sendx (bridge, "CONNECT", bus, NULL);
+        rc = zsock_wait (bridge) == 0 ? 0 : -1;
+        if (rc)
+            gw_error ("bridge: cannot connect to %s", bus);
+    }
+    if (rc) {
+        zactor_destroy (&bridge);
+        return NULL;
+    }
+    gw_info ("bridge: serving \"bridge\" on %s", bus);
+    return bridge;
 }
 
 //  --------------------------------------------------------------------------

@@ -51,6 +51,15 @@
 //  The bridge actor. args is unused (NULL).
 void gw_bridge_actor (zsock_t *pipe, void *args);
 
+//  Start the bridge configured from the environment (AIGW_BRIDGE_CAPACITY,
+//  AIGW_BRIDGE_MAXCONNECTS, AIGW_BRIDGE_CONNECT_TIMEOUT_MS,
+//  AIGW_BREAKER_FAILURES, AIGW_BREAKER_COOLDOWN_MS, AIGW_HEARTBEAT_MS,
+//  AIGW_EXPIRY_MS, AIGW_BILLING, AIGW_SPOOL_MAX, AIGW_SPOOL_FSYNC,
+//  AIGW_SPOOL_DIR, AIGW_DISCONNECT) and connect it to bus; verbose logs
+//  every transfer. Returns the actor, or NULL after logging why. Call
+//  curl_global_init first. Used by aigw-bridge and by aigw-gateway.
+zactor_t *gw_bridge_launch (const char *bus, bool verbose);
+
 //  Self test of this class (starts tests/mock_provider.py; run from the
 //  repository root).
 void gw_bridge_test (bool verbose);

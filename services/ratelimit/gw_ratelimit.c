@@ -1461,6 +1461,7 @@ s_on_pipe (s_actor_t *self)
 void
 gw_ratelimit_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-ratelimit");
     assert (args);
     s_actor_t self = {0};
     self.pipe = pipe;
@@ -1503,6 +1504,60 @@ gw_ratelimit_actor (zsock_t *pipe, void *args)
     gw_worker_destroy (&self.worker);
     gw_envelope_destroy (&self.envelope);
     gw_ratelimit_destroy (&self.stage);
+}
+
+//  --------------------------------------------------------------------------
+//  Start the ratelimit stage configured from the environment (aigw-ratelimit's
+//  variables) and connect it to bus. NULL after logging why.
+
+zactor_t *
+gw_ratelimit_launch (const char *bus)
+{
+    gw_limiter_t *limiter = gw_limiter_new_env ();
+    if (!limiter) {
+        gw_error ("ratelimit: invalid limiter settings (see the log above)");
+        return NULL;
+    }
+    bool redis = streq (gw_limiter_backend (limiter), "redis");
+    bool fail_open = gw_limiter_fail_open (limiter);
+    gw_ratelimit_t *stage = gw_ratelimit_new (&limiter);
+    char error[512];
+    if (gw_ratelimit_configure_env (stage, error, sizeof (error))) {
+        gw_error ("ratelimit: %s", error);
+        gw_ratelimit_destroy (&stage);
+        return NULL;
+    }
+    if (redis)
+        gw_info ("ratelimit: counters in Redis, failing %s if it is unavailable",
+            fail_open ? "open" : "closed");
+    else
+        gw_info ("ratelimit: counters in memory (embedded; set REDIS_URL to share them "
+                 "between replicas)");
+
+    if (streq (gw_env ("AIGW_ENFORCE_BALANCE", "0"), "1"))
+        gw_info ("ratelimit: enforcing user balances from %s every %s ms",
+            gw_env ("DATABASE_URL", "var/aigw.db"),
+            gw_env ("AIGW_BALANCE_REFRESH_MS", "1000"));
+    zactor_t *actor = zactor_new (gw_ratelimit_actor, stage);  //  takes stage
+    assert (actor);
+    gw_actor_configure_int (
+        actor, "capacity", gw_env_int ("AIGW_RATELIMIT_CAPACITY", 1024, 1, 65535));
+    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
+    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
+    if (heartbeat && expiry) {
+        gw_actor_configure_int (actor, "heartbeat", heartbeat);
+        gw_actor_configure_int (actor, "expiry", expiry);
+    }
+    if (gw_log_enabled (GW_LOG_DEBUG))
+        zstr_send (actor, "VERBOSE");  //  every decision at debug level
+    zstr_sendx (actor, "CONNECT", bus, NULL);
+    if (zsock_wait (actor) != 0) {
+        gw_error ("ratelimit: cannot connect to the bus at %s", bus);
+        zactor_destroy (&actor);
+        return NULL;
+    }
+    gw_info ("ratelimit: serving on %s", bus);
+    return actor;
 }
 
 //  --------------------------------------------------------------------------

@@ -124,6 +124,12 @@ gw_limiter_t *gw_ratelimit_limiter (gw_ratelimit_t *self);
 //  The ratelimit actor; args is a gw_ratelimit_t * handed over (required).
 void gw_ratelimit_actor (zsock_t *pipe, void *args);
 
+//  Start the ratelimit stage configured from the environment (the variables
+//  of aigw-ratelimit, docs/LIMITS.md) and connect it to bus. Returns the
+//  actor (it accepts RELOAD: re-read the limits and prices files), or NULL
+//  after logging why. Used by aigw-ratelimit and by aigw-gateway.
+zactor_t *gw_ratelimit_launch (const char *bus);
+
 //  Self test of this class.
 void gw_ratelimit_test (bool verbose);
 

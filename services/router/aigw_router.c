@@ -35,60 +35,16 @@ main (int argc, char *argv[])
             return streq (argv[argn], "--help") ? 0 : 2;
         }
     }
+    gw_signals_block ();
     curl_global_init (CURL_GLOBAL_DEFAULT);  //  before any thread
     zsys_init ();
 
-    gw_channels_t *channels = gw_channels_new ();
-    char error[640];
-    const char *file = gw_env ("AIGW_CHANNELS_FILE", NULL);
-    if (file && gw_channels_load_file (channels, file, error, sizeof (error))) {
-        fprintf (stderr, "aigw-router: AIGW_CHANNELS_FILE %s\n", error);
-        gw_channels_destroy (&channels);
+    zactor_t *actor = gw_router_launch (bus);
+    if (!actor) {
+        curl_global_cleanup ();
         return 1;
     }
-    const char *target = gw_env ("TARGET_API_URL", NULL);
-    if (target &&
-        gw_channels_add_default (channels, target, gw_env ("TARGET_API_KEY", NULL),
-            gw_env ("AIGW_TARGET_MODELS", NULL), error, sizeof (error))) {
-        fprintf (stderr, "aigw-router: %s\n", error);
-        gw_channels_destroy (&channels);
-        return 1;
-    }
-    size_t count = gw_channels_size (channels);
-    if (count == 0)
-        gw_warn ("router: no channels (set AIGW_CHANNELS_FILE or TARGET_API_URL): every "
-                 "model request gets 404");
-    for (size_t i = 0; i < count; i++)
-        gw_info ("router: channel %s -> %s%s", gw_channels_id (channels, i),
-            gw_channels_base_url (channels, i),
-            gw_channels_discovers (channels, i) ? " (models discovered)" : "");
-
-    zactor_t *actor = zactor_new (gw_router_actor, channels);  //  takes channels
-    assert (actor);
-    char value[16];
-    snprintf (value, sizeof (value), "%" PRId64,
-        gw_env_int ("AIGW_MODELS_REFRESH_S", 300, 1, 86400));
-    zstr_sendx (actor, "CONFIGURE", "refresh_s", value, NULL);
-    zsock_wait (actor);
-    snprintf (value, sizeof (value), "%" PRId64,
-        gw_env_int ("AIGW_ROUTER_CAPACITY", 1024, 1, 65535));
-    zstr_sendx (actor, "CONFIGURE", "capacity", value, NULL);
-    zsock_wait (actor);
-    zstr_sendx (actor, "CONFIGURE", "local_models",
-        streq (gw_env ("AIGW_LOCAL_MODELS", "0"), "1") ? "1" : "0", NULL);
-    zsock_wait (actor);
-    zstr_sendx (actor, "CONFIGURE", "local_admin_groups",
-        gw_env ("AIGW_LOCAL_ADMIN_GROUPS", ""), NULL);
-    zsock_wait (actor);
-    zstr_sendx (actor, "CONNECT", bus, NULL);
-    if (zsock_wait (actor) != 0) {
-        fprintf (stderr, "aigw-router: cannot connect to the bus at %s\n", bus);
-        zactor_destroy (&actor);
-        return 1;
-    }
-    gw_info ("router: serving on %s", bus);
-    while (!zsys_interrupted)
-        zclock_sleep (200);
+    gw_signals_wait (NULL, 0);
     gw_info ("router: stopping");
     zactor_destroy (&actor);
     curl_global_cleanup ();

@@ -870,6 +870,7 @@ s_on_pipe (s_router_t *self)
 void
 gw_router_actor (zsock_t *pipe, void *args)
 {
+    gw_thread_name ("aigw-router");
     s_router_t self = {0};
     self.pipe = pipe;
     self.channels = args ? (gw_channels_t *)args : gw_channels_new ();
@@ -933,6 +934,58 @@ gw_router_actor (zsock_t *pipe, void *args)
     gw_envelope_destroy (&self.envelope);
     msgpack_sbuffer_destroy (&self.sbuf);
     gw_channels_destroy (&self.channels);
+}
+
+//  --------------------------------------------------------------------------
+//  Start the router stage configured from the environment (aigw-router's
+//  variables) and connect it to bus. NULL after logging why.
+
+zactor_t *
+gw_router_launch (const char *bus)
+{
+    gw_channels_t *channels = gw_channels_new ();
+    char error[640];
+    const char *file = gw_env ("AIGW_CHANNELS_FILE", NULL);
+    if (file && gw_channels_load_file (channels, file, error, sizeof (error))) {
+        gw_error ("router: AIGW_CHANNELS_FILE %s", error);
+        gw_channels_destroy (&channels);
+        return NULL;
+    }
+    const char *target = gw_env ("TARGET_API_URL", NULL);
+    if (target &&
+        gw_channels_add_default (channels, target, gw_env ("TARGET_API_KEY", NULL),
+            gw_env ("AIGW_TARGET_MODELS", NULL), error, sizeof (error))) {
+        gw_error ("router: %s", error);
+        gw_channels_destroy (&channels);
+        return NULL;
+    }
+    size_t count = gw_channels_size (channels);
+    if (count == 0)
+        gw_warn ("router: no channels (set AIGW_CHANNELS_FILE or TARGET_API_URL): every "
+                 "model request gets 404");
+    for (size_t i = 0; i < count; i++)
+        gw_info ("router: channel %s -> %s%s", gw_channels_id (channels, i),
+            gw_channels_base_url (channels, i),
+            gw_channels_discovers (channels, i) ? " (models discovered)" : "");
+
+    zactor_t *actor = zactor_new (gw_router_actor, channels);  //  takes channels
+    assert (actor);
+    gw_actor_configure_int (
+        actor, "refresh_s", gw_env_int ("AIGW_MODELS_REFRESH_S", 300, 1, 86400));
+    gw_actor_configure_int (
+        actor, "capacity", gw_env_int ("AIGW_ROUTER_CAPACITY", 1024, 1, 65535));
+    gw_actor_configure (actor, "local_models",
+        streq (gw_env ("AIGW_LOCAL_MODELS", "0"), "1") ? "1" : "0");
+    gw_actor_configure (
+        actor, "local_admin_groups", gw_env ("AIGW_LOCAL_ADMIN_GROUPS", ""));
+    zstr_sendx (actor, "CONNECT", bus, NULL);
+    if (zsock_wait (actor) != 0) {
+        gw_error ("router: cannot connect to the bus at %s", bus);
+        zactor_destroy (&actor);
+        return NULL;
+    }
+    gw_info ("router: serving on %s", bus);
+    return actor;
 }
 
 //  --------------------------------------------------------------------------

@@ -35,6 +35,13 @@
 //  The router actor; args is a gw_channels_t * handed over, or NULL.
 void gw_router_actor (zsock_t *pipe, void *args);
 
+//  Start the router stage configured from the environment (AIGW_CHANNELS_FILE,
+//  TARGET_API_URL, TARGET_API_KEY, AIGW_TARGET_MODELS, AIGW_MODELS_REFRESH_S,
+//  AIGW_ROUTER_CAPACITY, AIGW_LOCAL_MODELS, AIGW_LOCAL_ADMIN_GROUPS) and
+//  connect it to bus. Returns the actor, or NULL after logging why. Call
+//  curl_global_init first. Used by aigw-router and by aigw-gateway.
+zactor_t *gw_router_launch (const char *bus);
+
 //  Fetch the model ids the provider lists at GET {base_url}/models (OpenAI
 //  list object), authenticating with key (may be NULL), within timeout_ms,
 //  and append them to names (a list of strings with a destructor set).

@@ -5,6 +5,7 @@ plain nginx reverse proxy, measured side by side in the same run.
     tests/bench/e2e.py                  full mode (a few minutes)
     BENCH_SHORT=1 tests/bench/e2e.py    short mode (about 45 s)
     tests/bench/e2e.py --profile edge   callgrind of one aigw stage under load
+                                        (--profile gateway: the co-located one)
     tests/bench/e2e.py --no-write       do not touch docs/PERFORMANCE.md
 
 It starts, each under its own prefix in a temporary directory and on free
@@ -20,8 +21,10 @@ It starts, each under its own prefix in a temporary directory and on free
 - **aigw**: broker, edge, auth (key from GATEWAY_API_KEYS), router
   (TARGET_API_URL = the mock), bridge, plus ratelimit and billing when their
   binaries are in the build folder (AIGW_SLIP follows), LOG_LEVEL=warn;
+- **aigw-1p**: the same stages co-located as actors of one aigw-gateway
+  process over inproc (DESIGN.md §8, docs/OPERATIONS.md);
 
-then loads direct / nginx / aigw with wrk (tests/bench/chat.lua: POST of a
+then loads direct / nginx / aigw / aigw-1p with wrk (tests/bench/chat.lua: POST of a
 ~1 KB chat body with Content-Type and Authorization) in interleaved rounds,
 non-streaming and streaming, at concurrency 1, 16 and 64, and reads the
 CPU time (utime+stime from /proc/<pid>/stat) of the serving processes before
@@ -65,7 +68,8 @@ KEY = "sk-aigw-bench-0123456789abcdef0123"
 UPSTREAM_KEY = "sk-upstream-bench-0123456789"
 MODEL = "gpt-4o-mini"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TARGETS = ("direct", "nginx", "aigw")
+TARGETS = ("direct", "nginx", "aigw", "aigw-1p")
+AIGWS = ("aigw", "aigw-1p")
 CONCURRENCY = (1, 16, 64)
 MODES = ("chat", "stream")
 
@@ -349,12 +353,21 @@ def start_nginx(procs: Procs, name: str, tmp: Path, server: str) -> subprocess.P
 
 
 class Aigw:
+    """The whole pipeline: separate processes, or (colocated) the broker and
+    every C stage as actors of one aigw-gateway process."""
+
     def __init__(self, procs: Procs, tmp: Path, mock_port: int,
-                 profile: Optional[str] = None) -> None:
+                 profile: Optional[str] = None, colocated: bool = False) -> None:
         self.procs = procs
+        self.colocated = colocated
+        self.prefix = "aigw1p-" if colocated else "aigw-"
+        tmp = tmp / ("one-process" if colocated else "processes")
+        tmp.mkdir(exist_ok=True)
         self.b = build_dir()
         have = lambda s: os.access(self.b / f"aigw-{s}", os.X_OK)  # noqa: E731
         need = [s for s in ("broker", "edge", "auth", "router", "bridge") if not have(s)]
+        if colocated and not have("gateway"):
+            need.append("gateway")
         if need:
             raise RuntimeError(f"missing binaries in {self.b}: {', '.join(need)} "
                                f"(build them: make BUILD={self.b.name})")
@@ -405,6 +418,17 @@ class Aigw:
         return argv
 
     def start(self) -> "Aigw":
+        if self.colocated:
+            env = dict(self.env, AIGW_TAP=self.tap,
+                       AIGW_STAGES=",".join(s for s in self.stages))
+            argv = [str(self.b / "aigw-gateway")]
+            if self.profile == "gateway":
+                argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                        f"--callgrind-out-file={self.tmp}/callgrind.out.gateway"] + argv
+            self.procs.start("aigw1p-gateway", argv, env)
+            wait_http(self.port, "/health/ready", 60 if self.profile else 15, self.procs,
+                      ["aigw1p-gateway"])
+            return self
         self.procs.start("aigw-broker", self.argv("broker"), self.env)
         time.sleep(0.2)
         for s in self.stages:
@@ -414,12 +438,17 @@ class Aigw:
         return self
 
     def pids(self) -> Dict[str, int]:
-        return {n: p.pid for n, p, _ in self.procs.procs if n.startswith("aigw-")}
+        return {n: p.pid for n, p, _ in self.procs.procs if n.startswith(self.prefix)}
 
     def describe(self) -> str:
         parts = ["broker", "edge"] + [s for s in ("auth", "ratelimit", "router", "bridge",
                                                   "billing") if s in self.stages]
         missing = [s for s, ok in self.optional.items() if not ok]
+        if self.colocated:
+            return (f"aigw-1p: the same stages ({', '.join(parts)}) as actors of one "
+                    f"aigw-gateway process over inproc (co-location, docs/OPERATIONS.md), "
+                    f"AIGW_SLIP={self.slip}, LOG_LEVEL=warn, "
+                    f"AIGW_EDGE_THREADS={self.env['AIGW_EDGE_THREADS']}")
         text = (f"aigw: {', '.join(parts)} as separate processes, one each, bus on loopback "
                 f"{self.transport}, AIGW_SLIP={self.slip}, LOG_LEVEL=warn, "
                 f"AIGW_EDGE_THREADS={self.env['AIGW_EDGE_THREADS']}")
@@ -558,50 +587,56 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
                              f"{dp50} | {dp99} | {a['errors']} |")
     table = "\n".join(lines)
 
-    # Target lines
-    c64a, c64n = A[("chat", 64, "aigw")], A[("chat", 64, "nginx")]
-    ratio = c64a["rps"] / c64n["rps"]
-    c1a, c1d, c1n = A[("chat", 1, "aigw")], A[("chat", 1, "direct")], A[("chat", 1, "nginx")]
-    added50 = c1a["p50"] - c1d["p50"]
-    added99 = c1a["p99"] - c1d["p99"]
-    ngx50 = c1n["p50"] - c1d["p50"]
-    cpu = c64a["cpu"]
-    s1a, s1d = A[("stream", 1, "aigw")], A[("stream", 1, "direct")]
-    nchunks = meta["chunks"] + 1  # content chunks + the usage chunk
-    per_chunk = (s1a["p50"] - s1d["p50"]) / nchunks
-    marginal = ((s1a["p50"] - s1d["p50"]) - added50) / nchunks
-    targets = [
-        "- Throughput, non-streaming, concurrency 64: aigw "
-        f"{c64a['rps']:,.0f} req/s = {ratio:.3f}× nginx ({c64n['rps']:,.0f}); target ≥ 0.25× — "
-        + verdict(ratio >= T_RPS_VS_NGINX,
-                  f"{ratio / T_RPS_VS_NGINX:.2f}× the target" if ratio >= T_RPS_VS_NGINX else
-                  f"needs {T_RPS_VS_NGINX / ratio:.2f}× more throughput "
-                  f"({T_RPS_VS_NGINX * c64n['rps']:,.0f} req/s)"),
-        f"- Added latency p50, concurrency 1: aigw {added50:+.0f} µs over direct (nginx "
-        f"{ngx50:+.0f} µs); target < {T_ADDED_P50_US} µs — "
-        + verdict(added50 < T_ADDED_P50_US,
-                  f"{T_ADDED_P50_US - added50:.0f} µs to spare" if added50 < T_ADDED_P50_US
-                  else f"{added50 - T_ADDED_P50_US:.0f} µs over ({added50 / T_ADDED_P50_US:.2f}×)"),
-        f"- Added latency p99, concurrency 1 (DESIGN §8): {added99:+.0f} µs; target < "
-        f"{T_ADDED_P99_US} µs — "
-        + verdict(added99 < T_ADDED_P99_US,
-                  f"{T_ADDED_P99_US - added99:.0f} µs to spare" if added99 < T_ADDED_P99_US
-                  else f"{added99 - T_ADDED_P99_US:.0f} µs over"),
-        f"- CPU per request, all aigw processes, non-streaming at concurrency 64: {cpu:.0f} µs "
-        f"(nginx proxy {c64n['cpu']:.0f} µs); target < {T_CPU_US} µs — "
-        + verdict(cpu < T_CPU_US,
-                  f"{T_CPU_US - cpu:.0f} µs to spare" if cpu < T_CPU_US
-                  else f"{cpu - T_CPU_US:.0f} µs over ({cpu / T_CPU_US:.2f}×)")
-        + f"; final target < {T_CPU_FINAL_US} µs: {'met' if cpu < T_CPU_FINAL_US else 'missed'}"
-        + ("" if cpu < T_CPU_FINAL_US else f" ({cpu / T_CPU_FINAL_US:.1f}×)"),
-        f"- Per streamed chunk, concurrency 1: (aigw − direct stream p50) / {nchunks} chunks = "
-        f"{per_chunk:.0f} µs; target < {T_CHUNK_US} µs — "
-        + verdict(per_chunk < T_CHUNK_US,
-                  f"{T_CHUNK_US - per_chunk:.0f} µs to spare" if per_chunk < T_CHUNK_US
-                  else f"{per_chunk - T_CHUNK_US:.0f} µs over ({per_chunk / T_CHUNK_US:.2f}×)")
-        + f". Beyond the per-request overhead (minus the non-streaming added p50): "
-        f"{marginal:.0f} µs per chunk.",
-    ]
+    # Target lines, for each aigw layout
+    def target_lines(t: str) -> List[str]:
+        c64a, c64n = A[("chat", 64, t)], A[("chat", 64, "nginx")]
+        ratio = c64a["rps"] / c64n["rps"]
+        c1a, c1d, c1n = A[("chat", 1, t)], A[("chat", 1, "direct")], A[("chat", 1, "nginx")]
+        added50 = c1a["p50"] - c1d["p50"]
+        added99 = c1a["p99"] - c1d["p99"]
+        ngx50 = c1n["p50"] - c1d["p50"]
+        cpu = c64a["cpu"]
+        s1a, s1d = A[("stream", 1, t)], A[("stream", 1, "direct")]
+        nchunks = meta["chunks"] + 1  # content chunks + the usage chunk
+        per_chunk = (s1a["p50"] - s1d["p50"]) / nchunks
+        marginal = ((s1a["p50"] - s1d["p50"]) - added50) / nchunks
+        return [
+            f"- Throughput, non-streaming, concurrency 64: {t} "
+            f"{c64a['rps']:,.0f} req/s = {ratio:.3f}× nginx ({c64n['rps']:,.0f}); target ≥ 0.25× — "
+            + verdict(ratio >= T_RPS_VS_NGINX,
+                      f"{ratio / T_RPS_VS_NGINX:.2f}× the target" if ratio >= T_RPS_VS_NGINX else
+                      f"needs {T_RPS_VS_NGINX / ratio:.2f}× more throughput "
+                      f"({T_RPS_VS_NGINX * c64n['rps']:,.0f} req/s)"),
+            f"- Added latency p50, concurrency 1: {t} {added50:+.0f} µs over direct (nginx "
+            f"{ngx50:+.0f} µs); target < {T_ADDED_P50_US} µs — "
+            + verdict(added50 < T_ADDED_P50_US,
+                      f"{T_ADDED_P50_US - added50:.0f} µs to spare" if added50 < T_ADDED_P50_US
+                      else f"{added50 - T_ADDED_P50_US:.0f} µs over "
+                      f"({added50 / T_ADDED_P50_US:.2f}×)"),
+            f"- Added latency p99, concurrency 1 (DESIGN §8): {t} {added99:+.0f} µs; target < "
+            f"{T_ADDED_P99_US} µs — "
+            + verdict(added99 < T_ADDED_P99_US,
+                      f"{T_ADDED_P99_US - added99:.0f} µs to spare" if added99 < T_ADDED_P99_US
+                      else f"{added99 - T_ADDED_P99_US:.0f} µs over"),
+            f"- CPU per request, {t}, non-streaming at concurrency 64: {cpu:.0f} µs "
+            f"(nginx proxy {c64n['cpu']:.0f} µs); target < {T_CPU_US} µs — "
+            + verdict(cpu < T_CPU_US,
+                      f"{T_CPU_US - cpu:.0f} µs to spare" if cpu < T_CPU_US
+                      else f"{cpu - T_CPU_US:.0f} µs over ({cpu / T_CPU_US:.2f}×)")
+            + f"; final target < {T_CPU_FINAL_US} µs: "
+            + ("met" if cpu < T_CPU_FINAL_US else f"missed ({cpu / T_CPU_FINAL_US:.1f}×)"),
+            f"- Per streamed chunk, concurrency 1: ({t} − direct stream p50) / {nchunks} chunks "
+            f"= {per_chunk:.0f} µs; target < {T_CHUNK_US} µs — "
+            + verdict(per_chunk < T_CHUNK_US,
+                      f"{T_CHUNK_US - per_chunk:.0f} µs to spare" if per_chunk < T_CHUNK_US
+                      else f"{per_chunk - T_CHUNK_US:.0f} µs over ({per_chunk / T_CHUNK_US:.2f}×)")
+            + f". Beyond the per-request overhead (minus the non-streaming added p50): "
+            f"{marginal:.0f} µs per chunk.",
+        ]
+    targets = []
+    for t in AIGWS:
+        targets.append(f"**{t}** ({'separate processes' if t == 'aigw' else 'one process'}):")
+        targets += target_lines(t)
 
     # Per-process CPU, non-streaming and streaming at c64
     procs = sorted({n for k in cpu_by_proc for n in cpu_by_proc[k]})
@@ -613,6 +648,8 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
             for m in MODES) + " |")
     bl.append("| **all** | " + " | ".join(f"**{A[(m, 64, 'aigw')]['cpu']:.0f}**"
                                           for m in MODES) + " |")
+    bl.append("| aigw-gateway (aigw-1p, one process) | " + " | ".join(
+        f"{A[(m, 64, 'aigw-1p')]['cpu']:.0f}" for m in MODES) + " |")
     breakdown = "\n".join(bl)
 
     mc = meta["machine"]
@@ -624,11 +661,12 @@ Setup, all on 127.0.0.1 and sharing the {mc['nproc']} cores with wrk and the moc
 - mock provider: nginx, 1 worker, fixed chat.completion ({meta['resp_bytes']} bytes) from memory; streams: {meta['chunks']} chat.completion.chunk events + a usage chunk + `[DONE]` ({meta['sse_bytes']} bytes, one static file);
 - nginx: reverse proxy, 1 worker, keep-alive upstream (HTTP/1.1), proxy_buffering off for streams;
 - {meta['aigw']};
+- {meta['aigw1p']};
 - client: wrk with tests/bench/chat.lua, POST of a {meta['req_bytes']}-byte chat body (streams: {meta['req_stream_bytes']} bytes, `stream_options.include_usage`), `Authorization: Bearer …`.
 
 {table}
 
-p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
+p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p: the aigw-gateway process; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
 
 Targets (issue 6, DESIGN.md §8){meta['target_note']}:
 {chr(10).join(targets)}
@@ -665,7 +703,8 @@ def setup(procs: Procs, tmp: Path, chunks: int, profile: Optional[str] = None):
     (tmp / "mock" / "stream.sse").write_bytes(sse_body(chunks))
     start_nginx(procs, "nginx", tmp, PROXY_SERVER.format(port=proxy_port, upstream=mock_port))
     wait_http(mock_port, "/v1/models", 10, procs, ["mock"])
-    aigw = Aigw(procs, tmp, mock_port, profile).start()
+    colocated = profile == "gateway"
+    aigw = Aigw(procs, tmp, mock_port, profile, colocated=colocated).start()
     return mock_port, proxy_port, aigw
 
 
@@ -685,8 +724,11 @@ def bench(args) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     try:
         mock_port, proxy_port, aigw = setup(procs, tmp, chunks)
-        ports = {"direct": mock_port, "nginx": proxy_port, "aigw": aigw.port}
+        aigw1p = Aigw(procs, tmp, mock_port, colocated=True).start()
+        ports = {"direct": mock_port, "nginx": proxy_port, "aigw": aigw.port,
+                 "aigw-1p": aigw1p.port}
         log(aigw.describe())
+        log(aigw1p.describe())
         bodies = {}
         for m in MODES:
             bodies[m] = tmp / f"body-{m}.json"
@@ -718,7 +760,7 @@ def bench(args) -> int:
                 for c in CONCURRENCY:
                     for t in TARGETS:
                         pids = {"direct": mock_pids, "nginx": nginx_pids,
-                                "aigw": aigw.pids()}[t]
+                                "aigw": aigw.pids(), "aigw-1p": aigw1p.pids()}[t]
                         b0, m0 = cpu_sample(pids), cpu_sample(mock_pids)
                         r = wrk(ports[t], m == "stream", c, seconds, bodies[m])
                         b1, m1 = cpu_sample(pids), cpu_sample(mock_pids)
@@ -730,7 +772,7 @@ def bench(args) -> int:
                                     (b1[n] - b0[n]) * 1e6 / CLK_TCK
                         res[(m, c, t)].append(r)
                         done += 1
-                        log(f"[{done}/{total}] round {rnd + 1} {m:6} c{c:<3} {t:6} "
+                        log(f"[{done}/{total}] round {rnd + 1} {m:6} c{c:<3} {t:7} "
                             f"{r['rps']:9,.0f} req/s  p50 {r['p50']:6d} µs  p99 {r['p99']:6d} µs"
                             f"  cpu {r['cpu_us']:6.0f} µs/req  errors {r['errors']}")
                         if r["errors"]:
@@ -746,7 +788,7 @@ def bench(args) -> int:
                 err = check_target(ports[t], m == "stream", request_body(m == "stream"), chunks + 1)
                 if err:
                     problems.append(f"after the load, {t} {m}: {err}")
-        for n in aigw.pids():
+        for n in list(aigw.pids()) + list(aigw1p.pids()):
             out = [ln for ln in procs.output(n).splitlines() if ln.strip()]
             if out:
                 problems.append(f"{n} logged {len(out)} line(s) at warn or above, e.g. "
@@ -764,7 +806,7 @@ def bench(args) -> int:
                 "rounds": rounds, "seconds": seconds, "chunks": chunks,
                 "resp_bytes": len(completion_json()), "sse_bytes": len(sse_body(chunks)),
                 "req_bytes": len(request_body(False)), "req_stream_bytes": len(request_body(True)),
-                "aigw": aigw.describe(), "problems": problems, "target_note": target_note}
+                "aigw": aigw.describe(), "aigw1p": aigw1p.describe(), "problems": problems, "target_note": target_note}
         section, summary = build_report(res, cpu_by_proc, meta)
         print()
         print(summary)
@@ -820,7 +862,8 @@ def profile(args) -> int:
         load(min(100, args.requests))  # warm-up: connections, caches, first-use paths
         # count only the measured requests: the stage runs uninstrumented
         # (--instr-atstart=no) through start-up and warm-up; switch it on now
-        pid = [p for n, p, _ in procs.procs if n == f"aigw-{args.profile}"][0].pid
+        name = f"{aigw.prefix}{args.profile}"
+        pid = [p for n, p, _ in procs.procs if n == name][0].pid
         subprocess.run(["callgrind_control", "-i", "on", str(pid)], capture_output=True,
                        timeout=60)
         time.sleep(0.3)
@@ -830,8 +873,9 @@ def profile(args) -> int:
         log(f"{n} {'streaming' if args.stream else 'non-streaming'} requests on "
             f"{args.concurrency} connections in {took:.1f} s under callgrind "
             f"({len(errors)} non-200)")
-        procs.stop(f"aigw-{args.profile}")
-        parts = sorted(tmp.glob(f"callgrind.out.{args.profile}*"), key=lambda p: p.stat().st_mtime)
+        procs.stop(name)
+        parts = sorted(aigw.tmp.glob(f"callgrind.out.{args.profile}*"),
+                       key=lambda p: p.stat().st_mtime)
         log(f"callgrind parts: {[p.name for p in parts]}; the last one is the measured load")
         out = parts[-1]
         r = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(out)],
@@ -863,7 +907,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-write", action="store_true", help="do not update docs/PERFORMANCE.md")
     ap.add_argument("--profile", metavar="STAGE",
-                    help="run aigw-STAGE under valgrind --tool=callgrind instead of benchmarking")
+                    help="run aigw-STAGE under valgrind --tool=callgrind instead of benchmarking "
+                         "(gateway: the co-located aigw-gateway)")
     ap.add_argument("--requests", type=int, default=300, help="requests for --profile")
     ap.add_argument("--concurrency", type=int, default=4, help="connections for --profile")
     ap.add_argument("--stream", action="store_true", help="--profile streaming requests")

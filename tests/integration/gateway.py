@@ -75,7 +75,7 @@ def binary(stage: str) -> Path:
 
 
 def missing_binaries() -> List[str]:
-    names = ["broker"] + list(STAGES)
+    names = ["broker", "gateway"] + list(STAGES)
     return [str(binary(n)) for n in names if not os.access(binary(n), os.X_OK)]
 
 
@@ -242,7 +242,12 @@ class Gateway:
     counters in memory), ``limits`` / ``prices`` (dict written to a JSON file
     in the workdir, or a path; AIGW_LIMITS_FILE / AIGW_PRICES_FILE, given to
     every process). Anything else goes through ``env`` (all processes),
-    ``edge_env`` (edges only) or ``stage_env`` ({stage: env}, one stage)."""
+    ``edge_env`` (edges only) or ``stage_env`` ({stage: env}, one stage).
+
+    ``colocated`` (stage names, "edge" included) runs the broker and those
+    stages as one aigw-gateway process (DESIGN.md §8 co-location) on the
+    same bus address; the other stages still run as their own processes
+    and join it over tcp. ``colocated_proc`` is that process."""
 
     def __init__(self, procs: Procs, channels: Sequence[Dict[str, Any]],
                  keys: Sequence[str] = (KEY,), env: Optional[Dict[str, str]] = None,
@@ -253,7 +258,8 @@ class Gateway:
                  database_url: Optional[str] = None,
                  redis_url: Optional[str] = None,
                  limits: Any = None, prices: Any = None,
-                 stage_env: Optional[Dict[str, Dict[str, str]]] = None) -> None:
+                 stage_env: Optional[Dict[str, Dict[str, str]]] = None,
+                 colocated: Sequence[str] = ()) -> None:
         missing = missing_binaries()
         if missing:
             raise AssertionError(f"missing binaries (build them: make, or set AIGW_BUILD): "
@@ -287,6 +293,11 @@ class Gateway:
         self.stages: Dict[str, List[Proc]] = {stage: [] for stage in STAGES}
         self.edge_ports: List[int] = []
         self.http = HttpClient()
+        self.colocated = list(colocated)
+        self.colocated_proc: Optional[Proc] = None
+        for stage in self.colocated:
+            assert stage in STAGES, f"unknown stage {stage}"
+            self.counts[stage] = 0
 
     def _json_file(self, name: str, content: Any) -> str:
         """A dict/list is written to <workdir>/name; a str is a path; None is ''."""
@@ -338,8 +349,27 @@ class Gateway:
         self.stages[stage].append(proc)
         return proc
 
+    def _spawn_colocated(self) -> Proc:
+        env = self._common_env()
+        env.update({"AIGW_STAGES": ",".join(self.colocated), "AIGW_TAP": self.broker.tap,
+                    "AIGW_GRACE_MS": "3000"})
+        if "edge" in self.colocated:
+            port = free_port()
+            env.update({"PORT": str(port), "AIGW_LISTEN": "127.0.0.1",
+                        "AIGW_DRAIN_MS": "0", "AIGW_SSE_KEEPALIVE_MS": "500"})
+            env.update(self.edge_env)
+            self.edge_ports.append(port)
+        for stage in self.colocated:
+            env.update(self.stage_env.get(stage, {}))
+        self.colocated_proc = self.procs.start("gateway#0", [str(binary("gateway"))], env)
+        self.colocated_proc.wait_line(r"gateway: .* in one process", timeout=10)
+        return self.colocated_proc
+
     def start(self, timeout: float = 15.0) -> "Gateway":
-        self.broker.start()
+        if self.colocated:
+            self._spawn_colocated()
+        else:
+            self.broker.start()
         for stage in STAGES:
             for _ in range(self.counts[stage]):
                 self._spawn(stage)
@@ -352,9 +382,10 @@ class Gateway:
         #  replicas each one must have registered.
         with gwp.Client(self.broker.bus, heartbeat_ms=HEARTBEAT_MS) as bus:
             for stage in STAGES:
-                if stage != "edge" and self.counts[stage] > 0:
+                count = self.counts[stage] + (stage in self.colocated)
+                if stage != "edge" and count > 0:
                     try:
-                        wait_registered(bus, stage, self.counts[stage], timeout)
+                        wait_registered(bus, stage, count, timeout)
                     except AssertionError as exc:
                         raise AssertionError(f"{exc}\n{self.logs()}") from None
         return self
@@ -386,11 +417,11 @@ class Gateway:
             raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def _check_alive(self) -> None:
-        for stage, procs in self.stages.items():
-            for proc in procs:
-                if not proc.alive and not getattr(proc, "killed", False):
-                    raise AssertionError(f"{proc.name} exited with {proc.popen.poll()}:\n"
-                                         f"{proc.output()}")
+        every = [p for procs in self.stages.values() for p in procs]
+        for proc in every + ([self.colocated_proc] if self.colocated_proc else []):
+            if not proc.alive and not getattr(proc, "killed", False):
+                raise AssertionError(f"{proc.name} exited with {proc.popen.poll()}:\n"
+                                     f"{proc.output()}")
 
     def kill(self, stage: str, index: int = 0, sig: int = signal.SIGKILL) -> Proc:
         proc = self.stages[stage][index]
@@ -405,13 +436,15 @@ class Gateway:
                 proc.killed = True  # type: ignore[attr-defined]
                 proc.kill(signal.SIGKILL)
                 proc.stop()
-        if self.broker.proc is not None:
-            self.broker.proc.kill(signal.SIGKILL)
-            self.broker.proc.stop()
+        for proc in (self.broker.proc, self.colocated_proc):
+            if proc is not None:
+                proc.kill(signal.SIGKILL)
+                proc.stop()
 
     def logs(self) -> str:
         parts = []
-        for proc in [self.broker.proc] + [p for s in STAGES for p in self.stages[s]]:
+        for proc in ([self.broker.proc, self.colocated_proc]
+                     + [p for s in STAGES for p in self.stages[s]]):
             if proc is not None:
                 parts.append(f"--- {proc.name} (exit={proc.popen.poll()})\n{proc.output()}")
         return "\n".join(parts)

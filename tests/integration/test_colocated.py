@@ -1,0 +1,112 @@
+"""Co-location (DESIGN.md §8): aigw-gateway runs the broker and the C stages
+as actors of one process over inproc://, and still binds the bus over tcp
+so separate stage processes, Python workers and aigw-tap join it.
+
+What is asserted is what a user or an operator notices: the one process
+answers chat completions (plain and streamed) with the same headers as the
+separate processes, bills them into the ledger, enforces the request limit,
+takes a separate aigw-auth replica that joins over tcp, reloads its keys file
+on SIGHUP, refuses an unknown stage name in AIGW_STAGES, and stops cleanly on
+SIGTERM.
+
+Run: tests/harness/services.sh /usr/bin/python3 -m pytest -q -p no:cacheprovider \\
+     tests/integration/test_colocated.py   (with AIGW_BUILD set)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+from conftest import wait_for
+from gateway import KEY, STAGES, ChunkedReader, assert_openai_error, binary, channel, chat, \
+    sse_events, write_json_atomic
+
+ALL = list(STAGES)
+PRICES = {"*": {"input": 1, "output": 2}}
+
+
+def test_one_process_serves_bills_and_limits(make_mock, make_gateway) -> None:
+    mock = make_mock()
+    gw = make_gateway([channel("a", mock)], colocated=ALL, prices=PRICES,
+                      env={"RATE_LIMIT_REQUESTS_PER_MINUTE": "5", "RATE_LIMIT_BURST": "5"})
+    assert gw.colocated_proc is not None
+    assert not any(gw.stages[s] for s in STAGES), "no separate stage process was started"
+
+    status, headers, body = gw.chat(content="one two three")
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["object"] == "chat.completion"
+    assert headers.get("x-aigw-channel") == "a"
+    assert headers.get("x-ratelimit-limit-requests") == "5"
+    assert int(headers["x-aigw-prompt-tokens"]) == reply["usage"]["prompt_tokens"]
+
+    sock = gw.raw_stream(chat("four five", stream=True))
+    reader = ChunkedReader(sock)
+    reader.read_head()
+    events = sse_events(reader.read_all().decode())
+    sock.close()
+    assert events[-1] == (None, "[DONE]")
+    assert any('"chat.completion.chunk"' in data for _, data in events)
+
+    #  Both reached the provider: two ledger rows, written by the
+    #  co-located billing actor.
+    wait_for(lambda: gw.sql("SELECT count(*) FROM usage_ledger")[0][0] in (2, "2"), 10,
+             "two ledger rows")
+
+    #  5 per minute with a burst of 5: three more pass, the next is a 429.
+    codes = [gw.chat(content="x")[0] for _ in range(4)]
+    assert codes == [200, 200, 200, 429], codes
+
+
+def test_separate_replica_joins_over_tcp(make_mock, make_gateway) -> None:
+    """auth runs outside the co-located process and registers on its tcp bus."""
+    mock = make_mock()
+    gw = make_gateway([channel("a", mock)], colocated=["edge", "ratelimit", "router",
+                                                       "bridge", "billing"])
+    assert len(gw.stages["auth"]) == 1 and gw.stages["auth"][0].alive
+    status, _, body = gw.chat(content="hello")
+    assert status == 200, body
+    status, _, body = gw.request("POST", "/v1/chat/completions", chat("hello"),
+                                 key="sk-not-a-key-0000000000000")
+    assert status == 401
+    assert_openai_error(body, 401)
+
+
+def test_sighup_reloads_the_keys_file(make_mock, make_gateway, tmp_path) -> None:
+    mock = make_mock()
+    keys = tmp_path / "keys.json"
+    write_json_atomic(str(keys), [{"key": KEY, "user": "alice"}])
+    gw = make_gateway([channel("a", mock)], colocated=ALL, keys=(),
+                      env={"AIGW_KEYS_FILE": str(keys)})
+    gw.key = KEY
+    assert gw.chat(content="hi")[0] == 200
+    later = "sk-aigw-e2e-added-later-000000000"
+
+    def status_of(key: str) -> int:
+        return gw.request("POST", "/v1/chat/completions", chat("hi"), key=key)[0]
+    assert status_of(later) == 401
+    write_json_atomic(str(keys), [{"key": KEY, "user": "alice"},
+                                  {"key": later, "user": "bob"}])
+    gw.colocated_proc.kill(signal.SIGHUP)
+    wait_for(lambda: status_of(later) == 200, 5,
+             "the added key accepted after SIGHUP")
+    assert gw.colocated_proc.alive
+
+
+def test_bad_stage_list_and_clean_stop(make_mock, make_gateway) -> None:
+    proc = subprocess.run([str(binary("gateway"))], env={"AIGW_STAGES": "edge,nope"},
+                          capture_output=True, text=True, timeout=10)
+    assert proc.returncode == 2
+    assert "unknown stage 'nope'" in proc.stderr
+
+    gw = make_gateway([channel("a", make_mock())], colocated=ALL)
+    assert gw.chat(content="hi")[0] == 200
+    gw.colocated_proc.kill(signal.SIGTERM)
+    started = time.monotonic()
+    gw.colocated_proc.popen.wait(timeout=15)
+    assert gw.colocated_proc.popen.returncode == 0, gw.colocated_proc.output()
+    assert time.monotonic() - started < 10
+    assert "gateway: stopping" in gw.colocated_proc.output()
