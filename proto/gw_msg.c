@@ -107,11 +107,48 @@ gw_msg_service_valid (const char *text, size_t size)
     return true;
 }
 
-//  Decode frames[0..count) (without routing id) into self. Returns GW_MSG_OK
+//  One received frame: its bytes, and what holds them: a zframe (payload
+//  frames: envelope, body; NULL once s_decode took it) or a message on the
+//  receiver's stack (fixed frames).
+typedef struct {
+    const byte *data;
+    size_t size;
+    zframe_t *frame;
+    zmq_msg_t *msg;
+} s_part_t;
+
+//  The frame (index after the routing id) of a command that carries a
+//  payload (envelope or body), which s_decode keeps as a zframe: the rest
+//  are fixed fields, copied out.
+static bool
+s_payload_frame (int id, int index)
+{
+    switch (id) {
+        case GW_MSG_REQUEST:
+        case GW_MSG_FORWARD:
+            return index == 5 || index == 6;
+        case GW_MSG_PARTIAL:
+        case GW_MSG_FINAL:
+            return index == 4 || index == 5;
+        default:
+            return false;
+    }
+}
+
+//  Take part's frame for self (a copy when the part has none).
+static zframe_t *
+s_take (s_part_t *part)
+{
+    zframe_t *frame = part->frame ? part->frame : zframe_new (part->data, part->size);
+    part->frame = NULL;
+    return frame;
+}
+
+//  Decode parts[0..count) (without routing id) into self. Returns GW_MSG_OK
 //  or GW_MSG_MALFORMED with self->reason set. Takes ownership of envelope and
 //  body frames it keeps (nulls them in the array).
 static int
-s_decode (gw_msg_t *self, zframe_t **frames, int count)
+s_decode (gw_msg_t *self, s_part_t *parts, int count)
 {
     self->has_rid = false;
     zframe_destroy (&self->envelope);
@@ -123,19 +160,18 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
     } while (0)
     if (count < 2)
         FAIL ("too few frames");
-    if (zframe_size (frames[0]) != 4 ||
-        memcmp (zframe_data (frames[0]), GW_MSG_SIGNATURE, 4))
+    if (parts[0].size != 4 || memcmp (parts[0].data, GW_MSG_SIGNATURE, 4))
         FAIL ("bad signature");
-    if (zframe_size (frames[1]) != 1)
+    if (parts[1].size != 1)
         FAIL ("bad command frame");
-    int id = zframe_data (frames[1])[0];
+    int id = parts[1].data[0];
     if (id < GW_MSG_READY || id > GW_MSG_DISCONNECT)
         FAIL ("unknown command");
     self->id = id;
     if (count - 2 < s_frames[id]) {
         //  Still read the rid if it is there, so the broker can answer.
-        if (id != GW_MSG_READY && count > 2 && zframe_size (frames[2]) == 16) {
-            memcpy (self->rid, zframe_data (frames[2]), 16);
+        if (id != GW_MSG_READY && count > 2 && parts[2].size == 16) {
+            memcpy (self->rid, parts[2].data, 16);
             self->has_rid = true;
         }
         FAIL ("too few frames for command");
@@ -143,95 +179,87 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
     //  Every command with frames beyond the command has the rid first,
     //  except READY.
     if (s_frames[id] > 0 && id != GW_MSG_READY) {
-        if (zframe_size (frames[2]) != 16)
+        if (parts[2].size != 16)
             FAIL ("bad request id");
-        memcpy (self->rid, zframe_data (frames[2]), 16);
+        memcpy (self->rid, parts[2].data, 16);
         self->has_rid = true;
     }
     switch (id) {
         case GW_MSG_READY: {
-            size_t size = zframe_size (frames[2]);
-            if (!gw_msg_service_valid ((char *)zframe_data (frames[2]), size))
+            size_t size = parts[2].size;
+            if (!gw_msg_service_valid ((char *)parts[2].data, size))
                 FAIL ("bad service name");
-            if (zframe_size (frames[3]) != 4 || zframe_size (frames[4]) != 4)
+            if (parts[3].size != 4 || parts[4].size != 4)
                 FAIL ("bad capacity or flags");
-            uint32_t capacity = s_get32 (zframe_data (frames[3]));
+            uint32_t capacity = s_get32 (parts[3].data);
             if (capacity < 1 || capacity > 65535)
                 FAIL ("capacity out of range");
-            if (zframe_size (frames[5]) > GW_LABEL_MAX)
+            if (parts[5].size > GW_LABEL_MAX)
                 FAIL ("label too long");
-            memcpy (self->service, zframe_data (frames[2]), size);
+            memcpy (self->service, parts[2].data, size);
             self->service[size] = 0;
             self->capacity = capacity;
-            self->flags = s_get32 (zframe_data (frames[4]));
-            size = zframe_size (frames[5]);
-            memcpy (self->label, zframe_data (frames[5]), size);
+            self->flags = s_get32 (parts[4].data);
+            size = parts[5].size;
+            memcpy (self->label, parts[5].data, size);
             self->label[size] = 0;
             break;
         }
         case GW_MSG_REQUEST:
         case GW_MSG_FORWARD: {
-            size_t size = zframe_size (frames[3]);
-            if (!gw_msg_service_valid ((char *)zframe_data (frames[3]), size))
+            size_t size = parts[3].size;
+            if (!gw_msg_service_valid ((char *)parts[3].data, size))
                 FAIL ("bad service name");
-            if (zframe_size (frames[4]) != 16)
+            if (parts[4].size != 16)
                 FAIL ("bad meta frame");
-            if (zframe_size (frames[5]) > GW_ENVELOPE_MAX)
+            if (parts[5].size > GW_ENVELOPE_MAX)
                 FAIL ("envelope too large");
-            if (zframe_size (frames[6]) > self->body_max)
+            if (parts[6].size > self->body_max)
                 FAIL ("body too large");
-            memcpy (self->service, zframe_data (frames[3]), size);
+            memcpy (self->service, parts[3].data, size);
             self->service[size] = 0;
-            const byte *meta = zframe_data (frames[4]);
+            const byte *meta = parts[4].data;
             self->deadline = s_get64 (meta);
             self->window = s_get32 (meta + 8);
             self->flags = s_get32 (meta + 12);
-            self->envelope = frames[5];
-            frames[5] = NULL;
-            self->body = frames[6];
-            frames[6] = NULL;
+            self->envelope = s_take (&parts[5]);
+            self->body = s_take (&parts[6]);
             break;
         }
         case GW_MSG_PARTIAL:
-            if (zframe_size (frames[3]) != 4)
+            if (parts[3].size != 4)
                 FAIL ("bad sequence frame");
-            if (zframe_size (frames[4]) > self->body_max)
+            if (parts[4].size > self->body_max)
                 FAIL ("payload too large");
             //  Optional frame 5: an envelope (PROTOCOL.md §2, PARTIAL).
-            if (count > 5 && zframe_size (frames[5]) > GW_ENVELOPE_MAX)
+            if (count > 5 && parts[5].size > GW_ENVELOPE_MAX)
                 FAIL ("envelope too large");
-            self->seq = s_get32 (zframe_data (frames[3]));
-            self->body = frames[4];
-            frames[4] = NULL;
-            if (count > 5 && zframe_size (frames[5]) > 0) {
-                self->envelope = frames[5];
-                frames[5] = NULL;
+            self->seq = s_get32 (parts[3].data);
+            self->body = s_take (&parts[4]);
+            if (count > 5 && parts[5].size > 0) {
+                self->envelope = s_take (&parts[5]);
             }
             break;
         case GW_MSG_FINAL:
-            if (zframe_size (frames[3]) != 2)
+            if (parts[3].size != 2)
                 FAIL ("bad status frame");
-            if (zframe_size (frames[4]) > GW_ENVELOPE_MAX)
+            if (parts[4].size > GW_ENVELOPE_MAX)
                 FAIL ("envelope too large");
-            if (zframe_size (frames[5]) > self->body_max)
+            if (parts[5].size > self->body_max)
                 FAIL ("body too large");
-            self->status = (uint16_t)((zframe_data (frames[3])[0] << 8) |
-                zframe_data (frames[3])[1]);
-            self->envelope = frames[4];
-            frames[4] = NULL;
-            self->body = frames[5];
-            frames[5] = NULL;
+            self->status = (uint16_t)((parts[3].data[0] << 8) | parts[3].data[1]);
+            self->envelope = s_take (&parts[4]);
+            self->body = s_take (&parts[5]);
             break;
         case GW_MSG_CANCEL:
-            if (zframe_size (frames[3]) != 2)
+            if (parts[3].size != 2)
                 FAIL ("bad reason frame");
-            self->status = (uint16_t)((zframe_data (frames[3])[0] << 8) |
-                zframe_data (frames[3])[1]);
+            self->status = (uint16_t)((parts[3].data[0] << 8) | parts[3].data[1]);
             break;
         case GW_MSG_CREDIT: {
-            if (zframe_size (frames[3]) != 4)
+            if (parts[3].size != 4)
                 FAIL ("bad credit frame");
-            uint32_t credit = s_get32 (zframe_data (frames[3]));
+            uint32_t credit = s_get32 (parts[3].data);
             if (credit < 1 || credit > 0x7FFFFFFF)
                 FAIL ("credit out of range");
             self->credit = credit;
@@ -241,8 +269,8 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
             //  Optional role frame; absent, odd-sized or unknown counts as a
             //  client.
             self->role = 'C';
-            if (count > 2 && zframe_size (frames[2]) == 1) {
-                char role = (char)zframe_data (frames[2])[0];
+            if (count > 2 && parts[2].size == 1) {
+                char role = (char)parts[2].data[0];
                 if (role == 'W' || role == 'B')
                     self->role = role;
             }
@@ -255,51 +283,92 @@ s_decode (gw_msg_t *self, zframe_t **frames, int count)
     return GW_MSG_OK;
 }
 
+//  Release what parts[0..count) hold: the fixed frames' messages and the
+//  payload frames not taken.
+static void
+s_parts_close (s_part_t *parts, int count)
+{
+    for (int i = 0; i < count; i++)
+        if (parts[i].msg)
+            zmq_msg_close (parts[i].msg);
+        else
+            zframe_destroy (&parts[i].frame);
+}
+
 int
 gw_msg_recv (gw_msg_t *self, zsock_t *input)
 {
     assert (self);
     assert (input);
+    //  Fixed frames are read into messages on the stack and copied out;
+    //  only payload frames (envelope, body) become zframes, sharing the
+    //  socket's buffer. No allocation and no czmq option lookup per fixed
+    //  frame: this is the broker's hottest path.
     void *handle = zsock_resolve (input);
-    bool routed = zsock_type (input) == ZMQ_ROUTER;
-    zframe_t *frames[GW_FRAMES_MAX + 1];
-    int count = 0;
-    bool overflow = false;
-    while (true) {
-        zframe_t *frame = zframe_recv (handle);
-        if (!frame) {
-            for (int i = 0; i < count; i++)
-                zframe_destroy (&frames[i]);
+    int routed = zsock_type (input) == ZMQ_ROUTER;
+    //  One more message than frames kept: the last one receives (and
+    //  drops) the frames beyond the limit.
+    zmq_msg_t msgs[GW_FRAMES_MAX + 2];
+    s_part_t parts[GW_FRAMES_MAX + 1];
+    int count = 0, id = 0;
+    bool overflow = false, more = true;
+    for (int index = -routed; more; index++) {
+        //  A fixed frame is received in place: a small one's bytes live
+        //  inside the zmq_msg_t itself, so the struct must not move.
+        bool keep = count < GW_FRAMES_MAX + routed;  //  as gw_msg_decode
+        zmq_msg_t *msg = &msgs[keep ? count : GW_FRAMES_MAX + 1];
+        s_part_t part = {NULL, 0, NULL, NULL};
+        if (index >= 0 && s_payload_frame (id, index)) {
+            part.frame = zframe_recv (input);
+            if (part.frame) {
+                part.data = zframe_data (part.frame);
+                part.size = zframe_size (part.frame);
+                more = zframe_more (part.frame);
+            }
+        }
+        else {
+            zmq_msg_init (msg);
+            if (zmq_msg_recv (msg, handle, 0) < 0)  //  the socket's RCVTIMEO decides
+                zmq_msg_close (msg);
+            else {
+                part.msg = msg;
+                part.size = zmq_msg_size (msg);
+                part.data =
+                    part.size ? (const byte *)zmq_msg_data (msg) : (const byte *)"";
+                more = zmq_msg_more (msg);
+                if (index == 1 && part.size == 1)
+                    id = part.data[0];  //  s_decode checks it
+            }
+        }
+        if (!part.data) {
+            s_parts_close (parts, count);
             return GW_MSG_NONE;
         }
-        bool more = zframe_more (frame);
-        if (count < GW_FRAMES_MAX + 1)
-            frames[count++] = frame;
+        if (keep)
+            parts[count++] = part;
         else {
             overflow = true;
-            zframe_destroy (&frame);
+            s_parts_close (&part, 1);
         }
-        if (!more)
-            break;
     }
     int start = 0;
     if (routed) {
-        zframe_destroy (&self->routing_id);
-        self->routing_id = frames[0];
-        frames[0] = NULL;
+        if (self->routing_id)
+            zframe_reset (self->routing_id, parts[0].data, parts[0].size);
+        else
+            self->routing_id = zframe_new (parts[0].data, parts[0].size);
         start = 1;
     }
     int rc;
     if (overflow) {
         //  Decode the first frames anyway: the rid may be readable.
-        s_decode (self, frames + start, count - start);
+        s_decode (self, parts + start, count - start);
         self->reason = "too many frames";
         rc = GW_MSG_MALFORMED;
     }
     else
-        rc = s_decode (self, frames + start, count - start);
-    for (int i = start; i < count; i++)
-        zframe_destroy (&frames[i]);
+        rc = s_decode (self, parts + start, count - start);
+    s_parts_close (parts, count);
     return rc;
 }
 
@@ -312,18 +381,19 @@ gw_msg_decode (gw_msg_t *self, zmsg_t **msg_p, bool routed)
     if (!msg)
         return GW_MSG_NONE;
     *msg_p = NULL;
-    zframe_t *frames[GW_FRAMES_MAX + 1];
+    s_part_t parts[GW_FRAMES_MAX + 1];
     int count = 0, rc;
     bool overflow = zmsg_size (msg) > GW_FRAMES_MAX + (routed ? 1 : 0);
     zframe_t *frame;
     while (!overflow && (frame = zmsg_pop (msg)))
-        frames[count++] = frame;
+        parts[count++] =
+            (s_part_t){zframe_data (frame), zframe_size (frame), frame, NULL};
     zmsg_destroy (&msg);
     int start = 0;
     if (routed && count > 0) {
         zframe_destroy (&self->routing_id);
-        self->routing_id = frames[0];
-        frames[0] = NULL;
+        self->routing_id = parts[0].frame;
+        parts[0].frame = NULL;
         start = 1;
     }
     if (overflow) {
@@ -332,9 +402,9 @@ gw_msg_decode (gw_msg_t *self, zmsg_t **msg_p, bool routed)
         rc = GW_MSG_MALFORMED;
     }
     else
-        rc = s_decode (self, frames + start, count - start);
+        rc = s_decode (self, parts + start, count - start);
     for (int i = start; i < count; i++)
-        zframe_destroy (&frames[i]);
+        zframe_destroy (&parts[i].frame);
     return rc;
 }
 
@@ -422,10 +492,12 @@ gw_msg_encode (gw_msg_t *self)
 }
 
 //  Send one frame without taking ownership: zmq_msg_copy shares the buffer.
+//  output is the zsock_t, not its libzmq handle: czmq resolves its own
+//  objects at once, a raw handle only through a socket option lookup.
 static int
-s_send_ref (void *handle, zframe_t *frame, bool more)
+s_send_ref (zsock_t *output, zframe_t *frame, bool more)
 {
-    return zframe_send (&frame, handle, ZFRAME_REUSE | (more ? ZFRAME_MORE : 0));
+    return zframe_send (&frame, output, ZFRAME_REUSE | (more ? ZFRAME_MORE : 0));
 }
 
 static int
@@ -435,10 +507,10 @@ s_send_mem (void *handle, const void *data, size_t size, bool more)
 }
 
 static int
-s_send_payload (void *handle, zframe_t *frame, bool more)
+s_send_payload (zsock_t *output, void *handle, zframe_t *frame, bool more)
 {
     if (frame)
-        return s_send_ref (handle, frame, more);
+        return s_send_ref (output, frame, more);
     return s_send_mem (handle, "", 0, more);
 }
 
@@ -451,7 +523,7 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
     if (zsock_type (output) == ZMQ_ROUTER) {
         if (!self->routing_id)
             return -1;
-        if (s_send_ref (handle, self->routing_id, true))
+        if (s_send_ref (output, self->routing_id, true))
             return -1;
     }
     //  The first frame after the routing id decides whether the peer is
@@ -483,17 +555,17 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
             s_put32 (buf + 8, self->window);
             s_put32 (buf + 12, self->flags);
             rc |= s_send_mem (handle, buf, 16, true);
-            rc |= s_send_payload (handle, self->envelope, true);
-            rc |= s_send_payload (handle, self->body, false);
+            rc |= s_send_payload (output, handle, self->envelope, true);
+            rc |= s_send_payload (output, handle, self->body, false);
             break;
         case GW_MSG_PARTIAL: {
             bool envelope = self->envelope && zframe_size (self->envelope);
             rc |= s_send_mem (handle, self->rid, 16, true);
             s_put32 (buf, self->seq);
             rc |= s_send_mem (handle, buf, 4, true);
-            rc |= s_send_payload (handle, self->body, envelope);
+            rc |= s_send_payload (output, handle, self->body, envelope);
             if (envelope)
-                rc |= s_send_ref (handle, self->envelope, false);
+                rc |= s_send_ref (output, self->envelope, false);
             break;
         }
         case GW_MSG_FINAL:
@@ -501,8 +573,8 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
             buf[0] = (byte)(self->status >> 8);
             buf[1] = (byte)self->status;
             rc |= s_send_mem (handle, buf, 2, true);
-            rc |= s_send_payload (handle, self->envelope, true);
-            rc |= s_send_payload (handle, self->body, false);
+            rc |= s_send_payload (output, handle, self->envelope, true);
+            rc |= s_send_payload (output, handle, self->body, false);
             break;
         case GW_MSG_CANCEL:
             rc |= s_send_mem (handle, self->rid, 16, true);
