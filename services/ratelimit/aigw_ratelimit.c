@@ -11,9 +11,9 @@
 //  AIGW_RATELIMIT_PREFIX, RATE_LIMIT_REQUESTS_PER_MINUTE, RATE_LIMIT_BURST,
 //  AIGW_TPM, AIGW_MAX_CONCURRENT, AIGW_DEFAULT_MAX_TOKENS,
 //  AIGW_PRICE_MULTIPLIER, AIGW_LIMITS_FILE, AIGW_PRICES_FILE,
-//  AIGW_RATELIMIT_CAPACITY, AIGW_ENFORCE_BALANCE, DATABASE_URL,
-//  AIGW_BALANCE_REFRESH_MS, AIGW_HEARTBEAT_MS, AIGW_EXPIRY_MS, LOG_LEVEL,
-//  LOG_FORMAT.
+//  AIGW_RATELIMIT_CAPACITY, AIGW_GROUP_MULTIPLIERS, AIGW_GROUPS_REFRESH_MS,
+//  AIGW_ENFORCE_BALANCE, DATABASE_URL, AIGW_BALANCE_REFRESH_MS,
+//  AIGW_HEARTBEAT_MS, AIGW_EXPIRY_MS, LOG_LEVEL, LOG_FORMAT.
 
 #include "aigw.h"
 #include "gw_ratelimit.h"
@@ -70,6 +70,12 @@ main (int argc, char *argv[])
         gw_info ("ratelimit: counters in memory (embedded; set REDIS_URL to share them "
                  "between replicas)");
 
+    if (gw_env ("AIGW_PRICES_FILE", NULL) &&
+        !streq (gw_env ("AIGW_GROUP_MULTIPLIERS", "1"), "0"))
+        gw_info ("ratelimit: pricing holds with the group multipliers of %s (re-read "
+                 "every %s ms)",
+            gw_env ("DATABASE_URL", "var/aigw.db"),
+            gw_env ("AIGW_GROUPS_REFRESH_MS", "5000"));
     if (streq (gw_env ("AIGW_ENFORCE_BALANCE", "0"), "1"))
         gw_info ("ratelimit: enforcing user balances from %s every %s ms",
             gw_env ("DATABASE_URL", "var/aigw.db"),
