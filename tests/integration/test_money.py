@@ -777,6 +777,49 @@ def test_disconnect_mid_stream_is_billed(make_mock, make_gateway, mode: str) -> 
         assert cut["at"] - hung_up < 1.0, cut
 
 
+def test_hang_up_before_the_first_byte_is_counted_once(make_mock, make_gateway) -> None:
+    """The client hangs up while the provider still thinks (before the first
+    byte of the stream). The edge cannot tell that the request reached the
+    provider, so it releases the hold; the bridge bills it anyway (499,
+    estimated), and billing's settle comes after the release. The limiter
+    must still count that cost: the key's budget counter in Redis ends
+    equal to the ledger's cost for the request, not at 0."""
+    url = require_env("AIGW_TEST_REDIS_URL")
+    env = redis_env()
+    mock = make_mock()
+    mock.config(latency_ms=1500)
+    gw = make_gateway([channel("a", mock)], prices=PRICES, redis_url=url, env=env,
+                      limits={"defaults": {"key": {"budget": 10**9}}})
+    counter = f"{{{env['AIGW_RATELIMIT_PREFIX']}}}:rl:bg:key:{key_id(KEY)}"
+
+    def spent() -> int:
+        out = subprocess.run(["redis-cli", "-u", url, "GET", counter], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        return int(out) if out else 0
+
+    sock = gw.raw_stream(chat(content="please count to three", stream=True, max_tokens=100))
+    try:
+        wait_for(lambda: mock.requests() == 1, 5, "the request to reach the provider")
+        assert spent() > 0  # the hold
+    finally:
+        sock.close()
+    rows: Dict[str, Dict[str, Any]] = {}
+
+    def billed() -> bool:
+        rows.update(ledger(gw))
+        return bool(rows)
+    wait_for(billed, 10, "the ledger row of the request the client left")
+    (row,) = rows.values()
+    assert (row["status"], row["estimated"]) == (499, True), row
+    assert row["cost"] > 0, row
+    try:
+        wait_for(lambda: spent() == row["cost"], 5, "the budget counter to reach the cost")
+    except AssertionError:
+        raise AssertionError(f"budget counter {spent()}, ledger cost {row['cost']}: the "
+                             f"settle after the release was lost\n{gw.logs()[-3000:]}")
+    print(f"hang-up before the first byte: ledger {row['cost']}, counter {spent()}")
+
+
 # --------------------------------------------------------------------------
 # e. Refused requests cost nothing
 
