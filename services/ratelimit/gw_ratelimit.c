@@ -751,7 +751,7 @@ s_store_outage (gw_ratelimit_t *self, const char *why)
                  "balance, and groups whose multiplier, is not known yet",
             why,
             gw_limiter_fail_open (self->limiter)
-                ? "OPEN (admitted without a balance check)"
+                ? "OPEN (admitted without a balance check, held at multiplier 1.0)"
                 : "CLOSED (refused with 429)");
     }
 }
