@@ -33,6 +33,7 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <stdbool.h>
+#include "gw_price.h"
 
 typedef struct _gw_store_t gw_store_t;
 
@@ -45,8 +46,8 @@ typedef struct _gw_store_t gw_store_t;
 
 //  Largest token count and price accepted (keeps every product exact in
 //  128-bit arithmetic and every sum within BIGINT).
-#define GW_STORE_TOKENS_MAX 1000000000000LL
-#define GW_STORE_PRICE_MAX 1000000000000LL
+#define GW_STORE_TOKENS_MAX GW_PRICE_TOKENS_MAX
+#define GW_STORE_PRICE_MAX GW_PRICE_MAX
 
 //  One usage event to record (STAGES.md §6.2), with its cost already priced.
 //  Strings are borrowed from the caller for the duration of the call.
@@ -79,12 +80,7 @@ typedef struct {
     int64_t cost;  //  micro-units
 } gw_usage_sum_t;
 
-//  Prices of one model, micro-units per 1 000 000 tokens.
-typedef struct {
-    int64_t input;  //  prompt tokens not read from cache
-    int64_t output;  //  completion tokens
-    int64_t cached_input;  //  prompt tokens read from cache
-} gw_price_t;
+//  Prices of one model: gw_price_t (gw_price.h), micro-units per 1M tokens.
 
 //  One API key record.
 typedef struct {

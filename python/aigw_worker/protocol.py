@@ -166,9 +166,16 @@ def build_request(rid: bytes, service: str, deadline: int = 0, window: int = 0,
                                bytes(envelope), bytes(body)]
 
 
-def build_partial(rid: bytes, seq: int, payload: bytes) -> List[bytes]:
-    """PARTIAL number seq of request rid."""
-    return _header(Command.PARTIAL) + [_rid(rid), struct.pack(">I", seq), bytes(payload)]
+def build_partial(rid: bytes, seq: int, payload: bytes, envelope: bytes = b"") -> List[bytes]:
+    """PARTIAL number seq of request rid; ``envelope`` (optional frame 5, sent
+    only when not empty) tells the client what it needs before the first
+    payload byte: ``ann.headers`` and ``ann.channel``."""
+    frames = _header(Command.PARTIAL) + [_rid(rid), struct.pack(">I", seq), bytes(payload)]
+    if envelope:
+        if len(envelope) > ENVELOPE_MAX:
+            raise ValueError("PARTIAL envelope larger than 64 KiB")
+        frames.append(bytes(envelope))
+    return frames
 
 
 def build_final(rid: bytes, status: int, envelope: bytes = b"", body: bytes = b"") -> List[bytes]:
@@ -294,6 +301,8 @@ def parse(frames: Sequence[bytes], body_max: int = BODY_MAX_DEFAULT) -> Message:
         msg.rid = fixed(0, RID_SIZE, "rid")
         (msg.seq,) = struct.unpack(">I", fixed(1, 4, "seq"))
         msg.body = bounded(2, body_max, "payload")
+        if len(rest) > 3:  # optional frame 5: the envelope
+            msg.envelope = bounded(3, ENVELOPE_MAX, "envelope")
     elif command == Command.FINAL:
         msg.rid = fixed(0, RID_SIZE, "rid")
         (msg.status,) = struct.unpack(">H", fixed(1, 2, "status"))

@@ -37,6 +37,11 @@ Session rules implemented here (PROTOCOL.md section 3):
       (their generators are closed) and reconnect on a fresh socket after a
       back-off of 1 s, 2 s, 4 s ... 32 s, reset by a successful exchange.
     * PARTIALs only for STREAM requests, at most ``window`` + CREDIT of them.
+      The first PARTIAL of a request carries the envelope the request came
+      with, annotated with ``req.ann`` (frame 5, section 2), so the client
+      can send a stream's response headers (``ann.headers``: ratelimit's
+      x-ratelimit-*; ``ann.channel``) before its first byte, as the FINAL
+      envelope gives them for other responses.
     * CANCEL stops the handler and answers FINAL 499; a passed deadline stops
       it and answers FINAL 504 ``deadline_exceeded``.
     * ``stop()`` / ``remove_service()`` drain (new requests get 503
@@ -775,7 +780,8 @@ class Worker:
     def _send_partial(self, session: _Session, task: _Task, payload: bytes) -> bool:
         if task.credit is not None and task.credit <= 0:
             return False
-        if not session.send(gwp.build_partial(task.req.rid, task.seq, payload)):
+        head = self._head_envelope(task.req) if task.seq == 0 else b""
+        if not session.send(gwp.build_partial(task.req.rid, task.seq, payload, head)):
             return False
         task.seq += 1
         if task.credit is not None:
@@ -851,6 +857,31 @@ class Worker:
             return env.encode()
         except ValueError:
             return Envelope(id=req.rid, ann=dict(ann)).encode()
+
+    def _head_envelope(self, req: Request) -> bytes:
+        """The envelope of a request's first PARTIAL: the one it came with,
+        with ``req.ann`` merged in (no timing: that goes with the FINAL).
+        Empty if the request had no envelope and the handler annotated
+        nothing; past 64 KiB only ``ann.headers`` and ``ann.channel`` stay."""
+        if not req.raw_envelope and not req.ann:
+            return b""
+        try:
+            env = Envelope.decode(req.raw_envelope) if req.raw_envelope else Envelope(id=req.rid)
+        except ValueError:
+            env = Envelope(id=req.rid)
+        env.ann.update(req.ann)
+        try:
+            raw = env.encode()
+            if len(raw) <= gwp.ENVELOPE_MAX:
+                return raw
+        except ValueError:
+            pass
+        small = {k: env.ann[k] for k in ("headers", "channel") if k in env.ann}
+        try:
+            raw = Envelope(id=req.rid, ann=small).encode() if small else b""
+        except ValueError:
+            return b""
+        return raw if len(raw) <= gwp.ENVELOPE_MAX else b""
 
     def _expire(self, session: _Session) -> None:
         now = gwp.now_ms()

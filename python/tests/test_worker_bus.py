@@ -85,6 +85,42 @@ def test_stream_respects_window_and_credit(broker: Broker, client: gwp.Client) -
         assert reply is not None and reply.status == 200
 
 
+def test_first_partial_carries_the_annotated_envelope(broker: Broker,
+                                                     client: gwp.Client) -> None:
+    """PROTOCOL.md §2, PARTIAL frame 5: the first PARTIAL of every request
+    carries the envelope the request came with (ann.headers, written by
+    ratelimit) plus what the handler put in req.ann (ann.channel), so the
+    edge can send a stream's x-ratelimit-* and x-aigw-channel headers before
+    its first byte; later PARTIALs carry none."""
+    worker = make_worker(broker)
+
+    @worker.handler("t.head")
+    def head(req: Request) -> Iterator[bytes]:
+        req.ann["channel"] = "local"
+        yield b"one"
+        yield b"two"
+        return Final(200, b"", {"usage": {"completion_tokens": 2}})
+
+    headers = {"x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "99",
+               "x-ratelimit-reset-requests": "600ms"}
+    with running(worker):
+        wait_registered(client, "t.head")
+        for attempt in range(2):  # each request's first PARTIAL, not the worker's
+            env = gwp.Envelope(slip=["t.head"], cur=0, tenant={"user": "u"},
+                               ann={"op": "chat", "headers": headers})
+            rid = client.request("t.head", b"", envelope=env, stream=True, window=8)
+            got = client.collect([rid], 3000)[rid]
+            partials = [m for m in got if m.command == gwp.Command.PARTIAL]
+            assert [m.body for m in partials] == [b"one", b"two"], got
+            assert partials[0].envelope, f"request {attempt}: no envelope on PARTIAL 0"
+            first = gwp.Envelope.decode(partials[0].envelope)
+            assert first.ann["headers"] == headers and first.ann["channel"] == "local"
+            assert first.ann["op"] == "chat" and first.tenant == {"user": "u"}
+            assert partials[1].envelope == b""
+            final = gwp.Envelope.decode(got[-1].envelope)
+            assert got[-1].status == 200 and final.ann["channel"] == "local"
+
+
 def test_cancel_stops_the_handler_and_frees_credit(broker: Broker, client: gwp.Client) -> None:
     events: List[str] = []
     worker = make_worker(broker, events)
@@ -228,6 +264,11 @@ def test_protocol_parse_rejects_hostile_frames() -> None:
             (good + [b""] * 20, "too many")]:
         with pytest.raises(p.Malformed, match=reason):
             p.parse(frames)
+    partial = p.parse(p.build_partial(rid, 0, b"data", b"\x81\xa1v\x01"))
+    assert (partial.seq, partial.body, partial.envelope) == (0, b"data", b"\x81\xa1v\x01")
+    assert len(p.build_partial(rid, 1, b"data")) == 5  # no envelope: no frame 5
+    with pytest.raises(p.Malformed, match="envelope"):
+        p.parse(p.build_partial(rid, 0, b"") + [b"x" * (p.ENVELOPE_MAX + 1)])
     env = p.Envelope(id=rid, slip=["a", "b"], cur=0, ann={"op": "chat"}, extra={"zz": 1})
     back = p.Envelope.decode(env.encode())
     assert back.slip == ["a", "b"] and back.ann == {"op": "chat"} and back.extra == {"zz": 1}

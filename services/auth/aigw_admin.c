@@ -1,6 +1,6 @@
 //  --------------------------------------------------------------------------
 //  aigw-admin — a small command line over the SQL store (gw_store): API keys,
-//  user credits and model prices. It opens the store named by --db, else
+//  user credits, model prices and group multipliers. It opens the store named by --db, else
 //  DATABASE_URL, else var/aigw.db (the same forms as billing and auth), does
 //  one thing and exits: 0 done, 1 failed (the store refused or could not be
 //  reached, no such key or user), 2 bad usage.
@@ -30,6 +30,8 @@ s_usage (FILE *out)
         "  user credit U MICROS         add MICROS micro-units (negative: debit)\n"
         "  price set MODEL INPUT OUTPUT [CACHED]\n"
         "                               micro-units per 1M tokens (CACHED: INPUT)\n"
+        "  group set G MULTIPLIER       price multiplier of group G (\"1.5\": at most\n"
+        "                               3 decimals, at most 1000)\n"
         "  URL: sqlite:///abs.db, sqlite://rel.db, a path, or postgres://...;\n"
         "  default DATABASE_URL, else var/aigw.db. Exit: 0 ok, 1 failed, 2 usage.\n");
 }
@@ -313,6 +315,23 @@ s_price_set (gw_store_t *store, int argc, char **argv)
     return 0;
 }
 
+static int
+s_group_set (gw_store_t *store, const char *group, const char *text)
+{
+    int64_t milli;
+    if (!gw_store_name_valid (group, false) || gw_price_multiplier (text, &milli)) {
+        fprintf (stderr,
+            "aigw-admin: group set GROUP MULTIPLIER: a decimal like 1.5, at most 3 "
+            "decimals, at most 1000\n");
+        return 2;
+    }
+    if (gw_store_group_set (store, group, milli))
+        return s_store_failed (store, "group set");
+    printf (
+        "%s multiplier %" PRId64 ".%03" PRId64 "\n", group, milli / 1000, milli % 1000);
+    return 0;
+}
+
 int
 main (int argc, char *argv[])
 {
@@ -338,7 +357,7 @@ main (int argc, char *argv[])
     const char *noun = argv[argn], *verb = argv[argn + 1];
     char **rest = argv + argn + 2;
     int count = argc - argn - 2;
-    enum { KEY_ADD, KEY_REVOKE, KEY_LIST, USER_CREDIT, PRICE_SET } command;
+    enum { KEY_ADD, KEY_REVOKE, KEY_LIST, USER_CREDIT, PRICE_SET, GROUP_SET } command;
     if (streq (noun, "key") && streq (verb, "add"))
         command = KEY_ADD;
     else if (streq (noun, "key") && streq (verb, "revoke") && count == 1)
@@ -349,6 +368,8 @@ main (int argc, char *argv[])
         command = USER_CREDIT;
     else if (streq (noun, "price") && streq (verb, "set"))
         command = PRICE_SET;
+    else if (streq (noun, "group") && streq (verb, "set") && count == 2)
+        command = GROUP_SET;
     else {
         s_usage (stderr);
         return 2;
@@ -375,6 +396,9 @@ main (int argc, char *argv[])
             break;
         case PRICE_SET:
             rc = s_price_set (store, count, rest);
+            break;
+        case GROUP_SET:
+            rc = s_group_set (store, rest[0], rest[1]);
             break;
     }
     gw_store_destroy (&store);

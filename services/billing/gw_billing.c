@@ -38,7 +38,6 @@
 #include "gw_billing.h"
 #include "gw_broker.h"
 #include <libpq-fe.h>
-#include <math.h>
 
 #define NAME_MAX_ GW_STORE_NAME_MAX
 #define SCOPES_MAX 32
@@ -110,51 +109,10 @@ gw_billing_destroy (gw_billing_t **self_p)
 }
 
 int
-gw_billing_decimal (const char *text, int scale, int64_t max, int64_t *value)
-{
-    if (!text || !*text || scale < 0 || scale > 12)
-        return -1;
-    int64_t whole = 0, fraction = 0;
-    int digits = 0, decimals = 0;
-    const char *p = text;
-    for (; *p >= '0' && *p <= '9'; p++, digits++)
-        if (__builtin_mul_overflow (whole, 10, &whole) ||
-            __builtin_add_overflow (whole, *p - '0', &whole))
-            return -1;
-    if (*p == '.') {
-        p++;
-        for (; *p >= '0' && *p <= '9'; p++, decimals++) {
-            if (decimals >= scale)
-                return -1;  //  more precision than the unit holds: not exact
-            fraction = fraction * 10 + (*p - '0');
-        }
-        if (decimals == 0)
-            return -1;
-    }
-    if (*p || digits == 0)
-        return -1;
-    for (int i = decimals; i < scale; i++)
-        fraction *= 10;
-    int64_t unit = 1;
-    for (int i = 0; i < scale; i++)
-        unit *= 10;
-    int64_t result;
-    if (__builtin_mul_overflow (whole, unit, &result) ||
-        __builtin_add_overflow (result, fraction, &result) || result > max)
-        return -1;
-    *value = result;
-    return 0;
-}
-
-int
 gw_billing_set_multiplier (gw_billing_t *self, const char *text)
 {
     assert (self);
-    int64_t value;
-    if (gw_billing_decimal (text, 3, 1000000, &value))
-        return -1;
-    self->multiplier = value;
-    return 0;
+    return gw_price_multiplier (text, &self->multiplier);
 }
 
 int64_t
@@ -226,57 +184,14 @@ gw_billing_price (gw_billing_t *self, const char *model, const char *group,
         }
         return 1;
     }
+    //  The one formula ratelimit prices its holds with, too (gw_price).
     const int64_t *group_milli = (const int64_t *)zhashx_lookup (self->groups, group);
-    //  Bounds: tokens <= 1e12, prices <= 1e12, multipliers <= 1e6 each, so
-    //  raw <= 2e24 and raw * 1e12 <= 2e36 < 2^127.
-    unsigned __int128 raw =
-        (unsigned __int128)(uint64_t)(prompt - cached) * (uint64_t)price->input +
-        (unsigned __int128)(uint64_t)cached * (uint64_t)price->cached_input +
-        (unsigned __int128)(uint64_t)completion * (uint64_t)price->output;
-    unsigned __int128 scaled =
-        raw * (uint64_t)self->multiplier * (uint64_t)(group_milli ? *group_milli : 1000);
-    const unsigned __int128 unit = (unsigned __int128)1000000000000ULL;
-    unsigned __int128 result = (scaled + unit / 2) / unit;
-    if (result > (unsigned __int128)INT64_MAX)
-        return -1;
-    *cost = (int64_t)result;
-    return 0;
+    return gw_price_cost (price, self->multiplier, group_milli ? *group_milli : 1000,
+        prompt, completion, cached, cost);
 }
 
 //  --------------------------------------------------------------------------
 //  The price file
-
-//  A price field: a JSON number or a decimal string, USD per 1M tokens,
-//  into micro-units per 1M tokens, exactly.
-static int
-s_price_field (gw_mvalue_t *value, int64_t *micros)
-{
-    if (value->type == GW_MP_UINT) {
-        if (value->v.u > (uint64_t)GW_STORE_PRICE_MAX / 1000000)
-            return -1;
-        *micros = (int64_t)value->v.u * 1000000;
-        return 0;
-    }
-    if (value->type == GW_MP_FLOAT) {
-        //  The JSON text had at most 17 significant digits; a price with at
-        //  most six decimals is the integer nearest to value × 10^6.
-        double scaled = value->v.f * 1e6;
-        if (!isfinite (scaled) || scaled < 0 || scaled > (double)GW_STORE_PRICE_MAX)
-            return -1;
-        double nearest = round (scaled);
-        if (fabs (scaled - nearest) > 1e-3)
-            return -1;
-        *micros = (int64_t)nearest;
-        return 0;
-    }
-    if (value->type == GW_MP_STR && value->size < 64) {
-        char text[64];
-        memcpy (text, value->ptr, value->size);
-        text[value->size] = 0;
-        return gw_billing_decimal (text, 6, GW_STORE_PRICE_MAX, micros);
-    }
-    return -1;
-}
 
 int
 gw_billing_load_prices (
@@ -375,7 +290,7 @@ gw_billing_load_prices (
                 break;
             }
             if (value.type == GW_MP_MAP || value.type == GW_MP_ARRAY ||
-                s_price_field (&value, target)) {
+                gw_price_field (&value, target)) {
                 snprintf (error, error_size,
                     "%s: %s.%.*s: must be a non-negative number of USD per 1M tokens "
                     "with at most 6 decimals",
@@ -1400,21 +1315,6 @@ s_write_file (const char *path, const char *text)
 static void
 s_test_pricing (const char *url, bool verbose)
 {
-    int64_t value = 0;
-    assert (gw_billing_decimal ("1.5", 3, 1000000, &value) == 0 && value == 1500);
-    assert (gw_billing_decimal ("2", 3, 1000000, &value) == 0 && value == 2000);
-    assert (gw_billing_decimal ("0.125", 3, 1000000, &value) == 0 && value == 125);
-    assert (gw_billing_decimal ("0.1255", 3, 1000000, &value) == -1);  //  not exact
-    assert (gw_billing_decimal ("1000", 3, 1000000, &value) == 0 && value == 1000000);
-    assert (gw_billing_decimal ("1000.001", 3, 1000000, &value) == -1);  //  > max
-    assert (gw_billing_decimal ("-1", 3, 1000000, &value) == -1);
-    assert (gw_billing_decimal ("1.", 3, 1000000, &value) == -1);
-    assert (gw_billing_decimal (".5", 3, 1000000, &value) == -1);
-    assert (gw_billing_decimal ("1e3", 3, 1000000, &value) == -1);
-    assert (gw_billing_decimal ("", 3, 1000000, &value) == -1);
-    assert (gw_billing_decimal ("99999999999999999999", 3, INT64_MAX, &value) == -1);
-    assert (gw_billing_decimal ("0.000001", 6, INT64_MAX, &value) == 0 && value == 1);
-
     char error[512];
     gw_store_t *store = gw_store_new (url, error, sizeof (error));
     assert (store);

@@ -5,7 +5,8 @@
 //  answers each event FINAL 200 {"cost", "duplicate"} only after COMMIT,
 //  and then asks ratelimit to settle the request's hold (§6.3).
 //
-//  Pricing (docs/BILLING.md): prices are micro-units per 1 000 000 tokens,
+//  Pricing (docs/BILLING.md, proto/gw_price.h — the formula ratelimit prices
+//  its holds with too): prices are micro-units per 1 000 000 tokens,
 //  multipliers thousandths. For an event
 //
 //    raw  = (prompt − cached) × input + cached × cached_input + completion × output
@@ -55,12 +56,6 @@ gw_billing_t *gw_billing_new (gw_store_t **store_p);
 
 //  Destroy, closing the store; nulls the reference.
 void gw_billing_destroy (gw_billing_t **self_p);
-
-//  Parse a non-negative decimal ("1.5", "2", "0.125") with at most scale
-//  digits after the point into an integer of 10^-scale units (e.g. scale
-//  3: "1.5" -> 1500). Returns 0, or -1 if text is not such a number or the
-//  result exceeds max.
-int gw_billing_decimal (const char *text, int scale, int64_t max, int64_t *value);
 
 //  Set the global multiplier from an exact decimal string (at most three
 //  decimals, at most 1000). Returns 0 or -1 (unchanged).

@@ -13,10 +13,11 @@
 //  name comes last so no two scopes can collide):
 //
 //    {P}:rl:r:<rid hex>          hash: the reservation record (state s=1
-//                                held, 2 settled/released; est tokens tk,
+//                                held, 2 settled, 3 released; est tokens tk,
 //                                est cost c, scopes sc, window reference t,
 //                                per-scope charge mask m<i> and token step
-//                                T<i>). TTL = lease_ms.
+//                                T<i>). TTL = lease_ms; a release extends it
+//                                to at least TOMBSTONE_MS.
 //    {P}:rl:rq:<scope>           GCRA TAT (µs) for requests.
 //    {P}:rl:tk:<scope>           GCRA TAT (µs) for tokens.
 //    {P}:rl:ls:<scope>           sorted set rid -> lease expiry (unix ms).
@@ -41,6 +42,16 @@
 //  the record), release adds −estimate. The record makes admit, settle and
 //  release idempotent per rid.
 //
+//  Release, then settle: the edge releases a request whose client left
+//  before the first byte, but the request may have reached a backend, which
+//  still bills it; billing's settle then comes after the release. So a
+//  release leaves the record as a tombstone (state 3) for at least
+//  TOMBSTONE_MS, and a settle on a tombstone adds the actual usage in full
+//  (the estimate was already given back) and finishes the record (state 2):
+//  the counters end at the actual usage whatever the order, exactly once.
+//  Tombstones cost no more memory than holds: one record per request, for
+//  about as long as its hold would have lived.
+//
 //  Rates: admit is one Redis round trip (EVALSHA); settle/release are two
 //  (HMGET of the record, then EVALSHA: the keys are computed in C from the
 //  record, never inside Lua). Memory: a few hash lookups under a mutex.
@@ -63,6 +74,7 @@
 #define BUDGET_TTL_MS (400LL * 86400 * 1000)
 #define BACKOFF_MAX_MS 2000
 #define SWEEP_MS 1000
+#define TOMBSTONE_MS 600000  //  a released record awaits a late settle this long
 
 //  --------------------------------------------------------------------------
 //  The scripts. KEYS and ARGV layouts are documented beside s_admit_args.
@@ -215,7 +227,8 @@ static const char *s_admit_lua =
 
 static const char *s_settle_lua =
     "local rec = KEYS[1]\n"
-    "if redis.call('HGET', rec, 's') ~= '1' then return 0 end\n"
+    "local s = redis.call('HGET', rec, 's')\n"
+    "if s ~= '1' and not (s == '3' and ARGV[5] == '0') then return 0 end\n"
     "local now = tonumber(ARGV[1])\n"
     "if now == 0 then\n"
     "  local t = redis.call('TIME')\n"
@@ -228,6 +241,7 @@ static const char *s_settle_lua =
     "if not tk or not c or not n then return 0 end\n"
     "local dt = tonumber(ARGV[3]) - tk\n"
     "local dc = tonumber(ARGV[4]) - c\n"
+    "if s == '3' then dt = tonumber(ARGV[3]) dc = tonumber(ARGV[4]) end\n"
     "if ARGV[5] == '1' then dt = -tk dc = -c end\n"
     "if ARGV[5] == '2' then dt = 0 dc = 0 end\n"
     "for i = 0, n - 1 do\n"
@@ -268,7 +282,13 @@ static const char *s_settle_lua =
     "    redis.call('PEXPIRE', KEYS[k + 9], 34560000000)\n"
     "  end\n"
     "end\n"
-    "if ARGV[5] ~= '2' then redis.call('HSET', rec, 's', 2) end\n"
+    "if ARGV[5] == '0' then redis.call('HSET', rec, 's', 2) end\n"
+    "if ARGV[5] == '1' then\n"
+    "  redis.call('HSET', rec, 's', 3)\n"
+    "  if redis.call('PTTL', rec) < tonumber(ARGV[6]) then\n"
+    "    redis.call('PEXPIRE', rec, ARGV[6])\n"
+    "  end\n"
+    "end\n"
     "return 1\n";
 
 //  --------------------------------------------------------------------------
@@ -287,7 +307,7 @@ typedef struct {
     size_t leases_size;  //  leases in use
     size_t leases_max;  //  allocated
     //  Reservation record
-    int state;  //  1 held, 2 settled or released
+    int state;  //  1 held, 2 settled, 3 released (a tombstone)
     int64_t tk;  //  estimated tokens
     int64_t cost;  //  estimated cost
     int64_t ref_ms;  //  window reference time of the admit
@@ -929,7 +949,8 @@ s_mem_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
 }
 
 //  Settle or release (mode 1: the usage is ignored; mode 2: only the lease
-//  ends, the record stays held).
+//  ends, the record stays held). A settle of a released record (a
+//  tombstone) adds the whole actual usage: the estimate was given back.
 static int
 s_mem_settle (gw_limiter_t *self, char keys[][KEY_MAX], const char *rid_hex, double now,
     s_entry_t *record, int64_t tokens, int64_t cost, int release)
@@ -937,6 +958,8 @@ s_mem_settle (gw_limiter_t *self, char keys[][KEY_MAX], const char *rid_hex, dou
     int64_t now_ms = (int64_t)floor (now / 1000);
     double dt = (double)(tokens - record->tk);
     double dc = (double)(cost - record->cost);
+    if (record->state == 3)
+        dt = (double)tokens, dc = (double)cost;
     if (release == 1)
         dt = -(double)record->tk, dc = -(double)record->cost;
     if (release == 2)
@@ -988,8 +1011,13 @@ s_mem_settle (gw_limiter_t *self, char keys[][KEY_MAX], const char *rid_hex, dou
             entry->expires = now_ms + BUDGET_TTL_MS;
         }
     }
-    if (release != 2)
+    if (release == 0)
         record->state = 2;
+    else if (release == 1) {
+        record->state = 3;
+        if (record->expires < now_ms + TOMBSTONE_MS)
+            record->expires = now_ms + TOMBSTONE_MS;
+    }
     return 1;
 }
 
@@ -1352,7 +1380,7 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     if (!self->redis) {
         snprintf (keys[0], KEY_MAX, "{%s}:rl:r:%s", self->prefix, rid_hex);
         s_entry_t *record = s_get (self, keys[0], now_ms);
-        if (record && record->state == 1) {
+        if (record && (record->state == 1 || (record->state == 3 && release == 0))) {
             char *list = strdup (record->scope_list);
             assert (list);
             int count = s_split (list, record->scopes, scopes);
@@ -1379,7 +1407,8 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
         goto done;
     }
     redisReply **f = reply->element;
-    if (f[0]->type != REDIS_REPLY_STRING || !streq (f[0]->str, "1")) {
+    if (f[0]->type != REDIS_REPLY_STRING ||
+        !(streq (f[0]->str, "1") || (streq (f[0]->str, "3") && release == 0))) {
         freeReplyObject (reply);  //  unknown, expired, or already finished
         rc = 0;
         goto done;
@@ -1404,10 +1433,12 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     s_windows (ref_ms, &windows);
     s_keys (self->prefix, rid_hex, (size_t)count, scopes, &windows, keys);
     free (list);
+    //  KEYS as for admit. ARGV: 1 now µs (0 = TIME), 2 rid, 3 tokens, 4 cost,
+    //  5 mode (0 settle, 1 release, 2 unlease), 6 tombstone ms.
     size_t nkeys = 1 + (size_t)count * KEYS_PER_SCOPE;
-    const char *argv[3 + KEYS_MAX + 5];
-    size_t lens[3 + KEYS_MAX + 5];
-    char numbers[4][24];
+    const char *argv[3 + KEYS_MAX + 6];
+    size_t lens[3 + KEYS_MAX + 6];
+    char numbers[5][24];
     snprintf (numbers[0], sizeof (numbers[0]), "%zu", nkeys);
     argv[2] = numbers[0];
     for (size_t i = 0; i < nkeys; i++)
@@ -1420,7 +1451,9 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     argv[5 + nkeys] = numbers[2];
     argv[6 + nkeys] = numbers[3];
     argv[7 + nkeys] = release == 2 ? "2" : release ? "1" : "0";
-    size_t argc = 8 + nkeys;
+    snprintf (numbers[4], sizeof (numbers[4]), "%d", TOMBSTONE_MS);
+    argv[8 + nkeys] = numbers[4];
+    size_t argc = 9 + nkeys;
     for (size_t i = 2; i < argc; i++)
         lens[i] = strlen (argv[i]);
     reply = s_eval (self, false, (int)argc, argv, lens);
@@ -1681,6 +1714,48 @@ s_semantics (gw_limiter_t *self, bool verbose)
     assert (settled == 550);
     assert (gw_limiter_budget_settled (self, "user:none", &settled) == 0);
     assert (settled == 0);
+
+    //  A settle after a release (the edge released a request whose client
+    //  left before the first byte, but it had reached a backend, which bills
+    //  it) still counts the actual usage, exactly once.
+    gw_limits_t late = {0};
+    late.tokens[GW_WINDOW_HOUR] = 100;
+    late.budget = 1000;
+    assert (s_try (self, "user:late", &late, 60, 600, &result, rid) == 0);
+    assert (gw_limiter_release (self, rid) == 1);  //  0 tokens, 0 spent
+    assert (gw_limiter_unlease (self, rid) == 0);
+    assert (gw_limiter_settle (self, rid, 30, 250) == 1);  //  30 tokens, 250 spent
+    assert (gw_limiter_settle (self, rid, 30, 250) == 0);
+    assert (gw_limiter_release (self, rid) == 0);
+    assert (s_try (self, "user:late", &late, 71, 0, &result, NULL) == 1);
+    assert (result.limit == GW_LIMIT_TOKENS + GW_WINDOW_HOUR);
+    assert (s_try (self, "user:late", &late, 0, 751, &result, NULL) == 1);
+    assert (result.limit == GW_LIMIT_BUDGET);
+    assert (gw_limiter_budget_settled (self, "user:late", &settled) == 0);
+    assert (settled == 250);
+    //  The other order: settle, then release (a no-op).
+    assert (s_try (self, "user:late", &late, 70, 750, &result, rid2) == 0);
+    assert (gw_limiter_settle (self, rid2, 0, 0) == 1);
+    assert (gw_limiter_release (self, rid2) == 0);
+    assert (s_try (self, "user:late", &late, 70, 750, &result, NULL) == 0);
+    assert (s_try (self, "user:late", &late, 1, 0, &result, NULL) == 1);
+    //  The tombstone lasts TOMBSTONE_MS, then a late settle finds nothing.
+    assert (s_try (self, "user:late2", &late, 10, 10, &result, rid3) == 0);
+    assert (gw_limiter_release (self, rid3) == 1);
+    if (self->redis) {  //  Redis expires keys by its own clock: check the TTL
+        char hex[33];
+        gw_rid_hex (rid3, hex);
+        redisReply *ttl = (redisReply *)redisCommand (
+            self->ctx, "PTTL {%s}:rl:r:%s", self->prefix, hex);
+        assert (ttl && ttl->type == REDIS_REPLY_INTEGER);
+        assert (ttl->integer > TOMBSTONE_MS - 10000 && ttl->integer <= TOMBSTONE_MS);
+        freeReplyObject (ttl);
+    }
+    else {
+        gw_limiter_set_time (self, now + (TOMBSTONE_MS + 1) * 1000LL);
+        assert (gw_limiter_settle (self, rid3, 5, 5) == 0);
+        gw_limiter_set_time (self, now);
+    }
 
     //  Idempotent admit: the same rid twice reserves once.
     gw_limits_t one = {0};

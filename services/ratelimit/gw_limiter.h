@@ -18,6 +18,9 @@
 //  settle   releases the lease and corrects the token and cost counters by
 //           (actual - estimate); a second settle (or release) is a no-op.
 //  release  the same with no usage (the estimate is given back entirely).
+//           The record stays as a tombstone for at least 10 minutes: a
+//           settle that comes after the release (the request had reached
+//           a backend after all) adds the actual usage, once.
 //
 //  Redis unavailable: each call is bounded by the timeout (default 50 ms for
 //  connect and for each command), then retried only after a back-off
@@ -140,14 +143,17 @@ int gw_limiter_admit (
     gw_limiter_t *self, const gw_limiter_request_t *request, gw_limiter_result_t *result);
 
 //  Settle rid with its actual usage: release its lease and correct its token
-//  and cost counters by (actual - estimate). Returns 1 settled, 0 nothing to
-//  do (unknown rid, already settled or released, or expired), -1 back end
+//  and cost counters by (actual - estimate); if rid was released, add the
+//  actual usage (the estimate was given back already). Returns 1 settled, 0
+//  nothing to do (unknown rid, already settled, or expired), -1 back end
 //  unavailable (retry later; the hold expires by itself otherwise).
 int gw_limiter_settle (
     gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t cost);
 
 //  Release rid without usage: the lease, and the estimated tokens and cost
-//  given back in full. Same returns as settle.
+//  given back in full. The record stays, released, until it would have
+//  expired and at least 10 minutes, for a settle that may still come. Same
+//  returns as settle (0 also when rid was released already).
 int gw_limiter_release (gw_limiter_t *self, const uint8_t rid[16]);
 
 //  End rid's concurrency lease only (the request's FINAL went out); the

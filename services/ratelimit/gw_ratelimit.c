@@ -19,7 +19,12 @@
 //  roughly matches CJK text (three bytes per character), so a hold rarely
 //  falls short of the actual cost. Output = max_completion_tokens, else
 //  max_tokens, else max_output_tokens, else AIGW_DEFAULT_MAX_TOKENS (0 for
-//  embeddings), times n (1..128).
+//  embeddings), times n (1..128). Those tokens are priced by gw_price_cost,
+//  billing's own formula, with the model's prices, the global multiplier and
+//  the multiplier of the request's group (read from billing's store, like
+//  the balances): the hold is exactly what billing will charge if the
+//  request uses every token it reserved, so holds in flight can never let a
+//  budget be overshot.
 
 #include "aigw.h"
 #include "gw_ratelimit.h"
@@ -44,12 +49,6 @@ static const char *s_fields[FIELDS] = {"rpm", "burst", "tpm", "concurrency",
     "requests_per_minute", "requests_per_hour", "requests_per_day", "requests_per_month",
     "tokens_per_minute", "tokens_per_hour", "tokens_per_day", "tokens_per_month",
     "cost_per_minute", "cost_per_hour", "cost_per_day", "cost_per_month", "budget"};
-
-typedef struct {
-    uint64_t input;  //  micro-units per 1M prompt tokens
-    uint64_t output;  //  micro-units per 1M completion tokens
-    uint64_t cached_input;  //  micro-units per 1M cached prompt tokens
-} s_price_t;
 
 typedef struct {
     gw_limits_t defaults[KINDS];  //  per kind, resolved
@@ -77,19 +76,26 @@ struct _gw_ratelimit_t {
     gw_limiter_t *limiter;  //  the engine, owned
     gw_limits_t base[KINDS];  //  defaults before the file (environment, API)
     s_config_t *config;  //  current limits
-    zhashx_t *prices;  //  model -> s_price_t
+    zhashx_t *prices;  //  model -> gw_price_t
     uint64_t default_max_tokens;  //  AIGW_DEFAULT_MAX_TOKENS
-    uint64_t multiplier;  //  price multiplier in millionths (1.5 = 1500000)
+    int64_t multiplier;  //  global price multiplier, thousandths (1.5 = 1500)
     s_watch_t limits_file;  //  AIGW_LIMITS_FILE
     s_watch_t prices_file;  //  AIGW_PRICES_FILE
     int64_t checked_at;  //  mono ms of the last stat
     bool verbose;  //  log decisions
-    //  Balance enforcement (AIGW_ENFORCE_BALANCE), off unless balance_url
-    char *balance_url;  //  DATABASE_URL of the store, or NULL
+    //  Billing's store (DATABASE_URL): group multipliers and balances
+    char *store_url;  //  NULL while neither reads it
     gw_store_t *store;  //  opened lazily, NULL while unavailable
     int64_t store_retry_at;  //  mono ms: next attempt to open the store
     bool store_down;  //  in an outage (logged once)
     int64_t store_failures;  //  reads failed during the outage
+    //  Group multipliers of holds, off unless groups_on
+    bool groups_on;  //  read from the store (else every group is 1.0)
+    int groups_refresh_ms;  //  AIGW_GROUPS_REFRESH_MS
+    int64_t groups_read_at;  //  mono ms of the last successful read
+    zhashx_t *groups;  //  group -> int64_t thousandths; NULL until read
+    //  Balance enforcement (AIGW_ENFORCE_BALANCE), off unless balance_on
+    bool balance_on;  //  enforce every user's balance
     int balance_refresh_ms;  //  AIGW_BALANCE_REFRESH_MS
     int64_t balance_refreshed_at;  //  mono ms of the last refresh
     zhashx_t *balances;  //  user name -> s_balance_t
@@ -152,7 +158,7 @@ gw_ratelimit_new (gw_limiter_t **limiter_p)
     assert (self->prices);
     zhashx_set_destructor (self->prices, (zhashx_destructor_fn *)zstr_free);
     self->default_max_tokens = 4096;
-    self->multiplier = 1500000;
+    self->multiplier = 1500;
     return self;
 }
 
@@ -169,7 +175,8 @@ gw_ratelimit_destroy (gw_ratelimit_t **self_p)
         free (self->prices_file.path);
         gw_store_destroy (&self->store);
         zhashx_destroy (&self->balances);
-        free (self->balance_url);
+        zhashx_destroy (&self->groups);
+        free (self->store_url);
         free (self);
         *self_p = NULL;
     }
@@ -208,38 +215,6 @@ gw_ratelimit_set_defaults (
         s_config_destroy (&self->config);
         self->config = config;
     }
-    return 0;
-}
-
-//  Parse decimal text ("1.5") into millionths. Returns -1 if malformed.
-static int
-s_parse_millionths (const char *text, uint64_t *out)
-{
-    uint64_t whole = 0, fraction = 0;
-    int digits = 0;
-    const char *p = text;
-    if (!isdigit ((unsigned char)*p))
-        return -1;
-    while (isdigit ((unsigned char)*p)) {
-        whole = whole * 10 + (uint64_t)(*p++ - '0');
-        if (whole > 1000000)
-            return -1;
-    }
-    if (*p == '.') {
-        p++;
-        while (isdigit ((unsigned char)*p)) {
-            if (digits < 6) {
-                fraction = fraction * 10 + (uint64_t)(*p - '0');
-                digits++;
-            }
-            p++;
-        }
-    }
-    if (*p)
-        return -1;
-    while (digits++ < 6)
-        fraction *= 10;
-    *out = whole * 1000000 + fraction;
     return 0;
 }
 
@@ -516,7 +491,7 @@ s_load_prices (gw_ratelimit_t *self, char *error, size_t error_size)
                 i);
             goto done;
         }
-        s_price_t *price = (s_price_t *)zmalloc (sizeof (s_price_t));
+        gw_price_t *price = (gw_price_t *)zmalloc (sizeof (gw_price_t));
         assert (price);
         char model[NAME_MAX_ + 1];
         memcpy (model, name.ptr, name.size);
@@ -533,10 +508,10 @@ s_load_prices (gw_ratelimit_t *self, char *error, size_t error_size)
                 goto done;
             }
             //  Unknown fields (descriptions, currency…) are ignored.
-            uint64_t *target = gw_mvalue_streq (&field, "input") ? &price->input
-                : gw_mvalue_streq (&field, "output")             ? &price->output
-                : gw_mvalue_streq (&field, "cached_input")       ? &price->cached_input
-                                                                 : NULL;
+            int64_t *target = gw_mvalue_streq (&field, "input") ? &price->input
+                : gw_mvalue_streq (&field, "output")            ? &price->output
+                : gw_mvalue_streq (&field, "cached_input")      ? &price->cached_input
+                                                                : NULL;
             if (!target) {
                 if (gw_mreader_skip (&reader, DEPTH_MAX)) {
                     s_fail (error, error_size, "%s: %s: malformed value", path, model);
@@ -545,25 +520,12 @@ s_load_prices (gw_ratelimit_t *self, char *error, size_t error_size)
                 continue;
             }
             //  USD per 1M tokens (docs/BILLING.md "Price file"): a JSON
-            //  number or a decimal string, at most 6 decimals, <= 10^6.
-            bool valid = gw_mreader_next (&reader, &number) == 0;
-            if (valid && number.type == GW_MP_UINT)
-                valid = number.v.u <= 1000000 && (*target = number.v.u * 1000000, true);
-            else if (valid && number.type == GW_MP_FLOAT)
-                valid = number.v.f >= 0 && number.v.f <= 1000000 &&
-                    (*target = (uint64_t)llround (number.v.f * 1e6), true);
-            else if (valid && number.type == GW_MP_STR && number.size < 32) {
-                char decimal[32];
-                memcpy (decimal, number.ptr, number.size);
-                decimal[number.size] = 0;
-                valid = s_parse_millionths (decimal, target) == 0;
-            }
-            else
-                valid = false;
-            if (!valid) {
+            //  number or a decimal string, at most 6 decimals, read exactly
+            //  as billing reads the same file.
+            if (gw_mreader_next (&reader, &number) || gw_price_field (&number, target)) {
                 s_fail (error, error_size,
-                    "%s: %s.%.*s: must be USD per 1M tokens, 0 to 1000000 (a number or "
-                    "a decimal string)",
+                    "%s: %s.%.*s: must be USD per 1M tokens, 0 to 1000000, at most 6 "
+                    "decimals (a number or a decimal string)",
                     path, model, (int)field.size, field.ptr);
                 goto done;
             }
@@ -647,6 +609,24 @@ gw_ratelimit_refresh (gw_ratelimit_t *self, bool force, int interval_ms)
     return rc;
 }
 
+//  A refresh interval from the environment: min..3600000 ms. 0 or -1.
+static int
+s_env_ms (const char *name, long fallback, long min, long *value)
+{
+    const char *text = gw_env (name, NULL);
+    if (!text) {
+        *value = fallback;
+        return 0;
+    }
+    char *end;
+    errno = 0;
+    *value = strtol (text, &end, 10);
+    if (!isdigit ((unsigned char)*text) || *end || errno || *value < min ||
+        *value > 3600000)
+        return -1;
+    return 0;
+}
+
 int
 gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size)
 {
@@ -671,54 +651,91 @@ gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size
     }
     gw_ratelimit_set_defaults (self, "key", &key);
     const char *multiplier = gw_env ("AIGW_PRICE_MULTIPLIER", NULL);
-    if (multiplier && s_parse_millionths (multiplier, &self->multiplier))
-        return s_fail (
-            error, error_size, "AIGW_PRICE_MULTIPLIER must be a decimal number like 1.5");
+    if (multiplier && gw_price_multiplier (multiplier, &self->multiplier))
+        return s_fail (error, error_size,
+            "AIGW_PRICE_MULTIPLIER must be a decimal number like 1.5 (at most 3 "
+            "decimals, at most 1000), as billing's");
     const char *limits = gw_env ("AIGW_LIMITS_FILE", NULL);
     if (limits && gw_ratelimit_set_limits_file (self, limits, error, error_size))
         return -1;
     const char *prices = gw_env ("AIGW_PRICES_FILE", NULL);
     if (prices && gw_ratelimit_set_prices_file (self, prices, error, error_size))
         return -1;
+    const char *store = gw_env ("DATABASE_URL", "var/aigw.db");
+    const char *groups = gw_env ("AIGW_GROUP_MULTIPLIERS", "1");
+    if (!streq (groups, "0") && !streq (groups, "1"))
+        return s_fail (error, error_size, "AIGW_GROUP_MULTIPLIERS must be 0 or 1");
+    //  Without prices every hold is 0: no multiplier to read.
+    if (streq (groups, "1") && self->prices_file.path) {
+        long value;
+        if (s_env_ms ("AIGW_GROUPS_REFRESH_MS", 5000, 100, &value))
+            return s_fail (error, error_size,
+                "AIGW_GROUPS_REFRESH_MS must be a whole number 100..3600000");
+        gw_ratelimit_set_groups (self, store, (int)value);
+    }
     const char *enforce = gw_env ("AIGW_ENFORCE_BALANCE", "0");
     if (!streq (enforce, "0") && !streq (enforce, "1"))
         return s_fail (error, error_size, "AIGW_ENFORCE_BALANCE must be 0 or 1");
     if (streq (enforce, "1")) {
-        const char *text = gw_env ("AIGW_BALANCE_REFRESH_MS", "1000");
-        char *end;
-        errno = 0;
-        long value = strtol (text, &end, 10);
-        if (!isdigit ((unsigned char)*text) || *end || errno || value < 10 ||
-            value > 3600000)
+        long value;
+        if (s_env_ms ("AIGW_BALANCE_REFRESH_MS", 1000, 10, &value))
             return s_fail (error, error_size,
                 "AIGW_BALANCE_REFRESH_MS must be a whole number 10..3600000");
-        gw_ratelimit_set_balance (
-            self, gw_env ("DATABASE_URL", "var/aigw.db"), (int)value);
+        gw_ratelimit_set_balance (self, store, (int)value);
     }
     return 0;
 }
 
 //  --------------------------------------------------------------------------
-//  Balance (docs/LIMITS.md "Balance")
+//  Billing's store: group multipliers and balances
+
+//  Use the store at url (NULL: none, when neither reader needs it). A new
+//  url closes the old store and forgets what was read from it.
+static void
+s_store_use (gw_ratelimit_t *self, const char *url)
+{
+    if (url && self->store_url && streq (url, self->store_url))
+        return;
+    free (self->store_url);
+    self->store_url = url ? strdup (url) : NULL;
+    gw_store_destroy (&self->store);
+    self->store_retry_at = 0;
+    self->store_down = false;
+    zhashx_destroy (&self->groups);
+    if (self->balances)
+        zhashx_purge (self->balances);
+}
+
+void
+gw_ratelimit_set_groups (gw_ratelimit_t *self, const char *url, int refresh_ms)
+{
+    assert (self);
+    self->groups_on = url != NULL;
+    zhashx_destroy (&self->groups);
+    if (url) {
+        s_store_use (self, url);
+        self->groups_refresh_ms = refresh_ms > 0 ? refresh_ms : 5000;
+    }
+    else if (!self->balance_on)
+        s_store_use (self, NULL);
+}
 
 void
 gw_ratelimit_set_balance (gw_ratelimit_t *self, const char *url, int refresh_ms)
 {
     assert (self);
-    free (self->balance_url);
-    self->balance_url = NULL;
-    gw_store_destroy (&self->store);
+    self->balance_on = url != NULL;
     zhashx_destroy (&self->balances);
-    if (!url)
+    if (!url) {
+        if (!self->groups_on)
+            s_store_use (self, NULL);
         return;
-    self->balance_url = strdup (url);
-    assert (self->balance_url);
+    }
+    s_store_use (self, url);
     self->balance_refresh_ms = refresh_ms > 0 ? refresh_ms : 1000;
     self->balances = zhashx_new ();
     assert (self->balances);
     zhashx_set_destructor (self->balances, (zhashx_destructor_fn *)zstr_free);
-    self->store_retry_at = 0;
-    self->store_down = false;
 }
 
 static void
@@ -730,11 +747,11 @@ s_store_outage (gw_ratelimit_t *self, const char *why)
     if (!self->store_down) {
         self->store_down = true;
         self->store_failures = 1;
-        gw_warn ("ratelimit: balance store unavailable (%s): failing %s for users whose "
-                 "balance is not known yet",
+        gw_warn ("ratelimit: store unavailable (%s): failing %s for users whose "
+                 "balance, and groups whose multiplier, is not known yet",
             why,
             gw_limiter_fail_open (self->limiter)
-                ? "OPEN (admitted without a balance check)"
+                ? "OPEN (admitted without a balance check, held at multiplier 1.0)"
                 : "CLOSED (refused with 429)");
     }
 }
@@ -745,11 +762,23 @@ s_store (gw_ratelimit_t *self)
 {
     if (!self->store && gw_mono_ms () >= self->store_retry_at) {
         char error[256] = "";
-        self->store = gw_store_new (self->balance_url, error, sizeof (error));
+        self->store = gw_store_new (self->store_url, error, sizeof (error));
         if (!self->store)
             s_store_outage (self, error);
     }
     return self->store;
+}
+
+//  A read from the store succeeded: end the outage, if any (logged).
+static void
+s_store_ok (gw_ratelimit_t *self)
+{
+    if (self->store_down) {
+        gw_info ("ratelimit: store available again (%" PRId64
+                 " read(s) failed meanwhile)",
+            self->store_failures);
+        self->store_down = false;
+    }
 }
 
 //  Read user's balance B and the settled cost S of its scope (S first, so a
@@ -775,12 +804,7 @@ s_balance_read (gw_ratelimit_t *self, const char *user, s_balance_t *entry)
         s_store_outage (self, why);
         return -1;
     }
-    if (self->store_down) {
-        gw_info ("ratelimit: balance store available again (%" PRId64
-                 " read(s) failed meanwhile)",
-            self->store_failures);
-        self->store_down = false;
-    }
+    s_store_ok (self);
     entry->balance = balance;
     entry->limit = balance > 0 ? (uint64_t)balance + settled : 0;
     return 0;
@@ -827,6 +851,65 @@ s_balance (gw_ratelimit_t *self, const char *user, const char *scope)
 }
 
 //  --------------------------------------------------------------------------
+//  Group multipliers (docs/LIMITS.md "Estimate")
+
+static void
+s_group_loaded (const char *name, int64_t multiplier, void *arg)
+{
+    int64_t *copy = (int64_t *)malloc (sizeof (int64_t));
+    assert (copy);
+    *copy = multiplier;
+    zhashx_update ((zhashx_t *)arg, name, copy);
+}
+
+//  Re-read the multiplier of every group (one small query) when the last
+//  read is groups_refresh_ms old, as billing re-reads them; on failure the
+//  last table stays in force.
+static void
+s_groups_refresh (gw_ratelimit_t *self)
+{
+    int64_t now = gw_mono_ms ();
+    if (self->groups && now - self->groups_read_at < self->groups_refresh_ms &&
+        now >= self->groups_read_at)
+        return;
+    gw_store_t *store = s_store (self);
+    if (!store)
+        return;
+    zhashx_t *groups = zhashx_new ();
+    assert (groups);
+    zhashx_set_destructor (groups, (zhashx_destructor_fn *)zstr_free);
+    if (gw_store_group_each (store, s_group_loaded, groups) < 0) {
+        char why[256];
+        snprintf (why, sizeof (why), "%s", gw_store_error (store));
+        zhashx_destroy (&groups);
+        s_store_outage (self, why);
+        return;
+    }
+    s_store_ok (self);
+    zhashx_destroy (&self->groups);
+    self->groups = groups;
+    self->groups_read_at = now;
+}
+
+//  The multiplier of group in thousandths, as billing applies it (a group
+//  not in the store is 1.0). Returns 0, or -1 if it is unknown because the
+//  store could never be read (*milli is then 1.0).
+static int
+s_group_milli (gw_ratelimit_t *self, const char *group, int64_t *milli)
+{
+    *milli = 1000;
+    if (!self->groups_on)
+        return 0;
+    s_groups_refresh (self);
+    if (!self->groups)
+        return -1;
+    const int64_t *value = (const int64_t *)zhashx_lookup (self->groups, group);
+    if (value)
+        *milli = *value;
+    return 0;
+}
+
+//  --------------------------------------------------------------------------
 //  Estimate
 
 static bool
@@ -870,13 +953,14 @@ s_text_bytes (gw_mreader_t *reader, int depth, uint64_t *bytes)
 
 int
 gw_ratelimit_estimate (gw_ratelimit_t *self, const char *op, const char *model,
-    const void *body, size_t size, gw_ratelimit_estimate_t *estimate)
+    const char *group, const void *body, size_t size, gw_ratelimit_estimate_t *estimate)
 {
     assert (self);
     assert (estimate);
     static const char *prompt_keys[] = {"messages", "prompt", "input", "tools",
         "functions", "system", "instructions", NULL};
     memset (estimate, 0, sizeof (*estimate));
+    estimate->group_milli = 1000;
     gw_mreader_t reader;
     gw_mreader_init (&reader, body ? body : "", body ? size : 0);
     gw_mvalue_t value, key, number;
@@ -916,19 +1000,22 @@ gw_ratelimit_estimate (gw_ratelimit_t *self, const char *op, const char *model,
         max_tokens = embeddings ? 0 : self->default_max_tokens;
     estimate->prompt_tokens = (bytes + 2) / 3;
     estimate->max_tokens = max_tokens * n;
-    const s_price_t *price =
-        model ? (const s_price_t *)zhashx_lookup (self->prices, model) : NULL;
+    const gw_price_t *price =
+        model ? (const gw_price_t *)zhashx_lookup (self->prices, model) : NULL;
     if (!price)
-        price = (const s_price_t *)zhashx_lookup (self->prices, "*");
+        price = (const gw_price_t *)zhashx_lookup (self->prices, "*");
     if (price) {
-        unsigned __int128 micros =
-            (unsigned __int128)estimate->prompt_tokens * price->input +
-            (unsigned __int128)estimate->max_tokens * price->output;
-        micros *= self->multiplier;
-        unsigned __int128 scale = (unsigned __int128)1000000 * 1000000;
-        micros = (micros + scale - 1) / scale;
-        estimate->cost =
-            micros > ((uint64_t)1 << 62) ? (uint64_t)1 << 62 : (uint64_t)micros;
+        //  As billing: tenant.group, else "default"; cached tokens are not
+        //  known in advance, so the prompt is held at the input price.
+        if (s_group_milli (
+                self, group && *group ? group : "default", &estimate->group_milli))
+            estimate->group_unknown = true;
+        int64_t cost = 0;
+        if (gw_price_cost (price, self->multiplier, estimate->group_milli,
+                (int64_t)estimate->prompt_tokens, (int64_t)estimate->max_tokens, 0,
+                &cost))
+            cost = (int64_t)1 << 62;  //  beyond gw_price's bounds: beyond any budget
+        estimate->cost = (uint64_t)cost;
     }
     return 0;
 }
@@ -1128,6 +1215,21 @@ s_limit_value (const gw_limits_t *limits, int limit)
     return fields[field[limit]];
 }
 
+//  True if a scope of request limits money (cost quotas, budget, balance).
+static bool
+s_cost_limited (const gw_limiter_request_t *request)
+{
+    for (size_t i = 0; i < request->scopes; i++) {
+        const gw_limits_t *limits = &request->limits[i];
+        if (limits->budget)
+            return true;
+        for (int w = 0; w < GW_LIMITER_WINDOWS; w++)
+            if (limits->cost[w])
+                return true;
+    }
+    return false;
+}
+
 int
 gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *body,
     size_t size, gw_ratelimit_refusal_t *refusal)
@@ -1143,8 +1245,9 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
             streq (op, "responses")))
         return GW_OK;  //  models and other metadata: no limits
     const char *model = gw_envelope_model (envelope);
+    const char *group = gw_envelope_tenant_str (envelope, "group");
     gw_ratelimit_estimate_t estimate;
-    if (gw_ratelimit_estimate (self, op, model, body, size, &estimate))
+    if (gw_ratelimit_estimate (self, op, model, group, body, size, &estimate))
         return s_refuse (refusal, 400, "invalid_request_error", "invalid_body", -1,
             "The request body could not be read.");
 
@@ -1153,8 +1256,7 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
     memcpy (request.rid, gw_envelope_rid (envelope), 16);
     char names[KINDS][GW_LIMITER_SCOPE_MAX + 1];
     const char *ids[KINDS] = {gw_envelope_tenant_str (envelope, "key"),
-        gw_envelope_tenant_str (envelope, "user"),
-        gw_envelope_tenant_str (envelope, "group"), model,
+        gw_envelope_tenant_str (envelope, "user"), group, model,
         gw_envelope_ann_str (envelope, "ip")};
     bool lease = false;
     int balance_at = -1;  //  index of the scope whose budget is the balance
@@ -1166,7 +1268,7 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
             (const gw_limits_t *)zhashx_lookup (self->config->entries[k], ids[k]);
         if (!limits)
             limits = &self->config->defaults[k];
-        bool by_balance = k == 1 && self->balance_url;
+        bool by_balance = k == 1 && self->balance_on;
         if (gw_limits_empty (limits) && !by_balance)
             continue;
         s_scope_name (s_kinds[k], ids[k], names[k], sizeof (names[k]));
@@ -1200,6 +1302,16 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
         request.scope[request.scopes] = names[k];
         request.scopes++;
         lease = lease || limits->concurrency > 0;
+    }
+    //  A hold priced without its group's multiplier (the store was never
+    //  readable) could let a budget be overshot: fail mode, if money counts.
+    if (estimate.group_unknown && !gw_limiter_fail_open (self->limiter) &&
+        s_cost_limited (&request)) {
+        gw_envelope_set_ann_int (envelope, "retry_after", 1);
+        return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", 1,
+            "The price multiplier of group %s cannot be read right now (the store is "
+            "unavailable), so the request was refused. Please try again shortly.",
+            group && *group ? group : "default");
     }
     request.tokens = estimate.prompt_tokens + estimate.max_tokens;
     request.cost = estimate.cost;
@@ -1534,6 +1646,12 @@ gw_ratelimit_launch (const char *bus)
         gw_info ("ratelimit: counters in memory (embedded; set REDIS_URL to share them "
                  "between replicas)");
 
+    if (gw_env ("AIGW_PRICES_FILE", NULL) &&
+        !streq (gw_env ("AIGW_GROUP_MULTIPLIERS", "1"), "0"))
+        gw_info ("ratelimit: pricing holds with the group multipliers of %s (re-read "
+                 "every %s ms)",
+            gw_env ("DATABASE_URL", "var/aigw.db"),
+            gw_env ("AIGW_GROUPS_REFRESH_MS", "5000"));
     if (streq (gw_env ("AIGW_ENFORCE_BALANCE", "0"), "1"))
         gw_info ("ratelimit: enforcing user balances from %s every %s ms",
             gw_env ("DATABASE_URL", "var/aigw.db"),
@@ -1581,10 +1699,11 @@ s_json_frame (const char *json)
     return frame;
 }
 
-//  Admit one chat for user on self directly; returns GW_OK or GW_DONE.
+//  Admit one chat (no prompt, max_tokens 100) for user in group (NULL:
+//  none) on self directly; returns GW_OK or GW_DONE, the hold in *hold.
 static int
-s_admit_user (gw_ratelimit_t *self, const char *user, uint8_t rid[16],
-    gw_ratelimit_refusal_t *refusal)
+s_admit_in (gw_ratelimit_t *self, const char *user, const char *group, uint8_t rid[16],
+    gw_ratelimit_refusal_t *refusal, uint64_t *hold)
 {
     gw_envelope_t *env = gw_envelope_new ();
     assert (env);
@@ -1593,12 +1712,43 @@ s_admit_user (gw_ratelimit_t *self, const char *user, uint8_t rid[16],
     gw_envelope_set_model (env, "m");
     gw_envelope_set_ann_str (env, "op", "chat");
     gw_envelope_set_tenant_str (env, "user", user);
+    if (group)
+        gw_envelope_set_tenant_str (env, "group", group);
     zframe_t *body = s_json_frame ("{\"messages\":[],\"max_tokens\":100}");
     int rc =
         gw_ratelimit_admit (self, env, zframe_data (body), zframe_size (body), refusal);
+    if (hold) {
+        size_t size = 0;
+        const void *raw = gw_envelope_ann_raw (env, "rl", &size);
+        gw_mreader_t reader;
+        gw_mvalue_t value;
+        *hold = 0;
+        gw_mreader_init (&reader, raw, raw ? size : 0);
+        if (raw && gw_mreader_find (&reader, "hold") == 0 &&
+            gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT)
+            *hold = value.v.u;
+    }
     zframe_destroy (&body);
     gw_envelope_destroy (&env);
     return rc;
+}
+
+static int
+s_admit_user (gw_ratelimit_t *self, const char *user, uint8_t rid[16],
+    gw_ratelimit_refusal_t *refusal)
+{
+    return s_admit_in (self, user, NULL, rid, refusal, NULL);
+}
+
+static void
+s_unlink_db (const char *db)
+{
+    char path[160];
+    unlink (db);
+    snprintf (path, sizeof (path), "%s-wal", db);
+    unlink (path);
+    snprintf (path, sizeof (path), "%s-shm", db);
+    unlink (path);
 }
 
 //  Balance enforcement over a SQLite store (docs/LIMITS.md "Balance").
@@ -1656,12 +1806,7 @@ s_balance_test (const char *prices_path)
     assert (s_admit_user (self, "rich", rid, &refusal) == GW_OK);
     gw_ratelimit_destroy (&self);
     gw_store_destroy (&store);
-    unlink (db);
-    char path[160];
-    snprintf (path, sizeof (path), "%s-wal", db);
-    unlink (path);
-    snprintf (path, sizeof (path), "%s-shm", db);
-    unlink (path);
+    s_unlink_db (db);
 }
 
 static void
@@ -1670,7 +1815,7 @@ s_estimate (gw_ratelimit_t *self, const char *op, const char *model, const char 
 {
     zframe_t *frame = s_json_frame (json);
     int rc = gw_ratelimit_estimate (
-        self, op, model, zframe_data (frame), zframe_size (frame), estimate);
+        self, op, model, NULL, zframe_data (frame), zframe_size (frame), estimate);
     assert (rc == 0);
     zframe_destroy (&frame);
 }
@@ -1686,6 +1831,96 @@ s_write_file (const char *path, const char *text)
     fclose (file);
     int rc = rename (temp, path);
     assert (rc == 0);
+}
+
+//  Holds priced with the group multiplier from the store, exactly as
+//  billing prices the usage (gw_price_cost): with a multiplier of 3.0 and a
+//  budget, the requests in flight can never cost more than the budget.
+static void
+s_group_test (const char *prices_path, const char *limits_path)
+{
+    char db[128], error[256];
+    snprintf (db, sizeof (db), "/tmp/aigw-rl-groups-%d.db", getpid ());
+    s_unlink_db (db);
+    gw_store_t *store = gw_store_new (db, error, sizeof (error));
+    assert (store);
+    assert (gw_store_group_set (store, "vip", 3000) == 0);
+    gw_limiter_t *limiter = gw_limiter_new (NULL);
+    gw_ratelimit_t *self = gw_ratelimit_new (&limiter);
+    s_write_file (prices_path, "{\"m\":{\"input\":1,\"output\":2}}");
+    assert (gw_ratelimit_set_prices_file (self, prices_path, error, sizeof (error)) == 0);
+    s_write_file (limits_path, "{\"groups\":{\"vip\":{\"budget\":2700}}}");
+    assert (gw_ratelimit_set_limits_file (self, limits_path, error, sizeof (error)) == 0);
+    gw_ratelimit_set_groups (self, db, 10);
+
+    //  100 output tokens × 2 µ × 1.5 × 3.0 = 900: billing's price of them.
+    const gw_price_t *price = (const gw_price_t *)zhashx_lookup (self->prices, "m");
+    int64_t billed = 0;
+    assert (gw_price_cost (price, 1500, 3000, 0, 100, 0, &billed) == 0 && billed == 900);
+    gw_ratelimit_estimate_t estimate;
+    zframe_t *body = s_json_frame ("{\"messages\":[],\"max_tokens\":100}");
+    assert (gw_ratelimit_estimate (self, "chat", "m", "vip", zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (
+        estimate.cost == 900 && estimate.group_milli == 3000 && !estimate.group_unknown);
+    assert (gw_ratelimit_estimate (self, "chat", "m", "other", zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (estimate.cost == 300 && estimate.group_milli == 1000);  //  not in the store
+
+    //  Requests in flight, none settled yet: exactly 2700 / 900 of them are
+    //  admitted, so even if each uses every token it reserved, billing's
+    //  total is within the budget (holds at 1.0 would have admitted 9).
+    uint8_t rids[12][16];
+    gw_ratelimit_refusal_t refusal;
+    int admitted = 0;
+    for (int i = 0; i < 12; i++) {
+        uint64_t hold = 0;
+        if (s_admit_in (self, "carol", "vip", rids[admitted], &refusal, &hold) == GW_OK) {
+            assert (hold == 900);
+            admitted++;
+        }
+        else
+            assert (streq (refusal.code, "insufficient_quota"));
+    }
+    assert (admitted == 3);
+    uint64_t total = 0;
+    for (int i = 0; i < admitted; i++) {
+        assert (gw_limiter_settle (self->limiter, rids[i], 100, (uint64_t)billed) == 1);
+        total += (uint64_t)billed;
+    }
+    assert (total <= 2700);
+    assert (s_admit_in (self, "carol", "vip", rids[0], &refusal, NULL) == GW_DONE);
+
+    //  A multiplier changed in the store applies within the refresh.
+    assert (gw_store_group_set (store, "vip", 2000) == 0);
+    assert (gw_store_group_set (store, "default", 1500) == 0);
+    zclock_sleep (20);
+    assert (gw_ratelimit_estimate (self, "chat", "m", "vip", zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (estimate.cost == 600);
+    //  No group: "default", as billing.
+    assert (gw_ratelimit_estimate (self, "chat", "m", NULL, zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (estimate.cost == 450);
+    gw_ratelimit_destroy (&self);
+
+    //  Store never readable: a request whose group has a cost limit is
+    //  refused when failing closed; one without, and failing open, pass.
+    limiter = gw_limiter_new (NULL);
+    self = gw_ratelimit_new (&limiter);
+    assert (gw_ratelimit_set_prices_file (self, prices_path, error, sizeof (error)) == 0);
+    assert (gw_ratelimit_set_limits_file (self, limits_path, error, sizeof (error)) == 0);
+    gw_ratelimit_set_groups (self, "/proc/aigw-no-such-dir/x.db", 10);
+    uint8_t rid[16];
+    assert (s_admit_in (self, "carol", "vip", rid, &refusal, NULL) == GW_DONE);
+    assert (streq (refusal.code, "rate_limit_exceeded") && refusal.retry_after == 1);
+    assert (s_admit_in (self, "dave", "free", rid, &refusal, NULL) == GW_OK);
+    gw_limiter_set_fail_open (self->limiter, true);
+    assert (s_admit_in (self, "carol", "vip", rid, &refusal, NULL) == GW_OK);
+    gw_ratelimit_destroy (&self);
+    zframe_destroy (&body);
+    gw_store_destroy (&store);
+    s_unlink_db (db);
 }
 
 typedef struct {
@@ -1819,9 +2054,9 @@ gw_ratelimit_test (bool verbose)
     if (rc)
         printf ("%s\n", error);
     assert (rc == 0 && zhashx_size (self->prices) == 3);
-    const s_price_t *mini = (const s_price_t *)zhashx_lookup (self->prices, "mini");
+    const gw_price_t *mini = (const gw_price_t *)zhashx_lookup (self->prices, "mini");
     assert (mini && mini->input == 150000 && mini->cached_input == 150000);
-    const s_price_t *m = (const s_price_t *)zhashx_lookup (self->prices, "m");
+    const gw_price_t *m = (const gw_price_t *)zhashx_lookup (self->prices, "m");
     assert (m && m->output == 2000000 && m->cached_input == 500000);
     gw_ratelimit_estimate_t estimate;
     const char *chat = "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":"
@@ -1847,14 +2082,9 @@ gw_ratelimit_test (bool verbose)
         estimate.prompt_tokens == 2 && estimate.max_tokens == 0 && estimate.cost == 3);
     s_estimate (self, "chat", "unpriced", chat, &estimate);
     assert (estimate.cost == 0);
-    assert (gw_ratelimit_estimate (self, "chat", "m", "\x91\x01", 2, &estimate) == -1);
-    assert (gw_ratelimit_estimate (self, "chat", "m", NULL, 0, &estimate) == -1);
-    uint64_t millionths = 0;
-    assert (s_parse_millionths ("1.5", &millionths) == 0 && millionths == 1500000);
-    assert (s_parse_millionths ("2", &millionths) == 0 && millionths == 2000000);
-    assert (s_parse_millionths ("0.0000019", &millionths) == 0 && millionths == 1);
-    assert (s_parse_millionths ("x", &millionths) == -1);
-    assert (s_parse_millionths ("1.5x", &millionths) == -1);
+    assert (
+        gw_ratelimit_estimate (self, "chat", "m", NULL, "\x91\x01", 2, &estimate) == -1);
+    assert (gw_ratelimit_estimate (self, "chat", "m", NULL, NULL, 0, &estimate) == -1);
     s_duration (600, text, sizeof (text));
     assert (streq (text, "600ms"));
     s_duration (1500, text, sizeof (text));
@@ -2039,6 +2269,7 @@ gw_ratelimit_test (bool verbose)
     zactor_destroy (&broker);
     zstr_free (&endpoint);
     s_balance_test (prices_path);
+    s_group_test (prices_path, limits_path);
     unlink (limits_path);
     unlink (prices_path);
     printf ("OK\n");

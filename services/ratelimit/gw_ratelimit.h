@@ -4,8 +4,9 @@
 //  gw_limiter (memory or Redis). docs/LIMITS.md is the user's view.
 //
 //  Admission (ann.op chat, completions, embeddings): estimates the request
-//  (prompt tokens from the body, + max_tokens, priced with the model's
-//  prices), collects the scopes that have limits (key, user, group, model,
+//  (prompt tokens from the body, + max_tokens, priced as billing prices:
+//  gw_price_cost with the model's prices and the group's multiplier),
+//  collects the scopes that have limits (key, user, group, model,
 //  ip), and admits it in ONE limiter call. Admitted: writes ann.rl and the
 //  x-ratelimit-* entries of ann.headers and FORWARDs. Refused: FINAL 429 in
 //  the OpenAI error shape with ann.retry_after (s) and ann.headers. Other
@@ -58,7 +59,9 @@ typedef struct {
 typedef struct {
     uint64_t prompt_tokens;  //  ceil (bytes of prompt text / 3)
     uint64_t max_tokens;  //  output tokens reserved (max_tokens × n)
-    uint64_t cost;  //  micro-units, priced and multiplied
+    uint64_t cost;  //  micro-units: gw_price_cost of those tokens, as billing
+    int64_t group_milli;  //  the group multiplier applied, thousandths
+    bool group_unknown;  //  it could not be read (priced at 1.0)
 } gw_ratelimit_estimate_t;
 
 //  Create the stage logic over limiter (taken, nulled). Defaults: no
@@ -70,9 +73,10 @@ void gw_ratelimit_destroy (gw_ratelimit_t **self_p);
 
 //  Read RATE_LIMIT_REQUESTS_PER_MINUTE, RATE_LIMIT_BURST, AIGW_TPM,
 //  AIGW_MAX_CONCURRENT (defaults for the key scope), AIGW_DEFAULT_MAX_TOKENS,
-//  AIGW_PRICE_MULTIPLIER, AIGW_LIMITS_FILE, AIGW_PRICES_FILE and
-//  AIGW_ENFORCE_BALANCE (with DATABASE_URL, AIGW_BALANCE_REFRESH_MS). Returns 0,
-//  or -1 with a message in error.
+//  AIGW_PRICE_MULTIPLIER, AIGW_LIMITS_FILE, AIGW_PRICES_FILE,
+//  AIGW_GROUP_MULTIPLIERS (with AIGW_GROUPS_REFRESH_MS) and
+//  AIGW_ENFORCE_BALANCE (with AIGW_BALANCE_REFRESH_MS), both reading
+//  DATABASE_URL. Returns 0, or -1 with a message in error.
 int gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size);
 
 //  Defaults for every scope of a kind ("key", "user", "group", "model",
@@ -81,6 +85,17 @@ int gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_
 //  next load of the file. Returns -1 for an unknown kind.
 int gw_ratelimit_set_defaults (
     gw_ratelimit_t *self, const char *kind, const gw_limits_t *limits);
+
+//  Price holds with the multiplier of the request's group (tenant.group,
+//  else "default"), read from billing's store at url (opened on demand, the
+//  one connection balances use too) and re-read every refresh_ms, as
+//  billing re-reads it: a hold is then exactly billing's cost of the tokens
+//  it reserves. A group not in the store is 1.0. url NULL turns it off
+//  (every group 1.0). configure_env calls it from AIGW_GROUP_MULTIPLIERS
+//  (default 1, when a prices file is set), DATABASE_URL and
+//  AIGW_GROUPS_REFRESH_MS. Store unavailable before the first read: a
+//  request with a cost limit is answered by the limiter's fail mode.
+void gw_ratelimit_set_groups (gw_ratelimit_t *self, const char *url, int refresh_ms);
 
 //  Enforce the prepaid balance of every user (AIGW_ENFORCE_BALANCE=1,
 //  docs/LIMITS.md "Balance"): the budget of scope user:<name> becomes
@@ -106,10 +121,10 @@ int gw_ratelimit_set_prices_file (
 //  force). Returns 1 reloaded, 0 unchanged, -1 failed (old kept, logged).
 int gw_ratelimit_refresh (gw_ratelimit_t *self, bool force, int interval_ms);
 
-//  Estimate a request body (msgpack map) for op and model. Returns 0, or -1
-//  if the body is not a msgpack map.
+//  Estimate a request body (msgpack map) for op, model and group (tenant.group,
+//  NULL = "default"). Returns 0, or -1 if the body is not a msgpack map.
 int gw_ratelimit_estimate (gw_ratelimit_t *self, const char *op, const char *model,
-    const void *body, size_t size, gw_ratelimit_estimate_t *estimate);
+    const char *group, const void *body, size_t size, gw_ratelimit_estimate_t *estimate);
 
 //  Admit the request in envelope with body. GW_OK: admitted (envelope
 //  annotated with ann.rl and ann.headers). GW_DONE: refused, refusal filled

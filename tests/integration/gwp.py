@@ -206,9 +206,10 @@ def build_request(
     ]
 
 
-def build_partial(rid: bytes, seq: int, payload: bytes) -> List[bytes]:
+def build_partial(rid: bytes, seq: int, payload: bytes, envelope: bytes = b"") -> List[bytes]:
     _check_rid(rid)
-    return _header(Command.PARTIAL) + [rid, struct.pack(">I", seq), payload]
+    frames = _header(Command.PARTIAL) + [rid, struct.pack(">I", seq), payload]
+    return frames + [envelope] if envelope else frames
 
 
 def build_final(rid: bytes, status: int, envelope: bytes = b"", body: bytes = b"") -> List[bytes]:
@@ -320,6 +321,8 @@ def parse(frames: Sequence[bytes], body_max: int = BODY_MAX_DEFAULT) -> Message:
         msg.rid = fixed(0, RID_SIZE, "rid")
         (msg.seq,) = struct.unpack(">I", fixed(1, 4, "seq"))
         msg.body = body(2)
+        if len(rest) > 3:  # optional frame 5: the envelope (PROTOCOL.md §2)
+            msg.envelope = envelope(3)
     elif command == Command.FINAL:
         msg.rid = fixed(0, RID_SIZE, "rid")
         (msg.status,) = struct.unpack(">H", fixed(1, 2, "status"))

@@ -140,6 +140,36 @@ def test_local_routes_and_model_lists(local_gw: Any) -> None:
         assert_openai_error(body, status)
 
 
+def test_streamed_local_chat_has_the_envelope_headers(make_gateway: Any,
+                                                     make_model_worker: Any) -> None:
+    """A streamed local-model chat carries the same response headers as a
+    non-streamed one: ratelimit's x-ratelimit-* and x-aigw-channel. The
+    model worker sends them in the envelope of each stream's first PARTIAL
+    (PROTOCOL.md §2, frame 5), as the bridge does for provider streams."""
+    gw = make_gateway([], env=LOCAL_ENV, limits={"defaults": {"key": {"rpm": 100}}})
+    make_model_worker(gw.broker)
+    wait_listed(gw, "local/tiny")
+    names = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+             "x-ratelimit-reset-requests", "x-aigw-channel")
+    status, plain, body = gw.request("POST", "/v1/chat/completions",
+                                     chat(model="local/tiny", max_tokens=4))
+    assert status == 200, body
+    for path, model in (("/v1/chat/completions", "local/tiny"),
+                        ("/local/chat/completions", "tiny")):
+        status, streamed, raw = gw.request("POST", path,
+                                           chat(model=model, stream=True, max_tokens=4))
+        assert status == 200, raw
+        assert streamed["content-type"].startswith("text/event-stream"), streamed
+        assert sse_events(raw.decode())[-1] == (None, "[DONE]")
+        missing = [n for n in names if n not in streamed]
+        assert not missing, f"{path}: stream without {missing}: {streamed}"
+        assert all(n in plain for n in names), plain
+        assert plain["x-ratelimit-limit-requests"] == \
+            streamed["x-ratelimit-limit-requests"] == "100"
+        assert 0 <= int(streamed["x-ratelimit-remaining-requests"]) < 100, streamed
+        assert plain["x-aigw-channel"] == streamed["x-aigw-channel"] == "local"
+
+
 def test_local_models_off_by_default(make_gateway: Any, make_model_worker: Any) -> None:
     gw = make_gateway([])
     make_model_worker(gw.broker, models="hash-embed")

@@ -49,11 +49,12 @@ from gateway import (KEY, ChunkedReader, Gateway, assert_openai_error, binary, c
                      chat, sse_events)
 
 #  USD per 1M tokens, as the price file states them; MICROS the same in
-#  half micro-units per token (input, output), exact, for the arithmetic here.
+#  micro-units per 1M tokens (input, output), as the store holds them.
 PRICES = {"mock-gpt": {"input": 1, "output": 2},
           "mock-gpt-mini": {"input": "0.5", "output": 4},
           "*": {"input": 1, "output": 2}}
-MICROS = {"mock-gpt": (2, 4), "mock-gpt-mini": (1, 8), "*": (2, 4)}
+MICROS = {"mock-gpt": (1_000_000, 2_000_000), "mock-gpt-mini": (500_000, 4_000_000),
+          "*": (1_000_000, 2_000_000)}
 KEY2 = "sk-aigw-e2e-second-key-0000000000"
 RPM = 100
 INTERVAL_S = 60.0 / RPM
@@ -78,22 +79,22 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-def actual_cost(model: str, prompt: int, completion: int) -> int:
-    """BILLING.md pricing with multiplier 1.5 (no cache, group 1.0), rounded
-    once, half up: with H the raw cost in half micro-units, the cost is
-    round(H / 2 x 1.5) = floor((3H + 2) / 4)."""
-    half_in, half_out = MICROS[model if model in MICROS else "*"]
-    halves = prompt * half_in + completion * half_out
-    return (3 * halves + 2) // 4
+def actual_cost(model: str, prompt: int, completion: int, group_milli: int = 1000) -> int:
+    """BILLING.md pricing (proto/gw_price.c) with the global multiplier 1.5
+    and group_milli (thousandths), no cache: the raw micro-units per 1M
+    tokens times both multipliers, over 10^12, rounded once, half up."""
+    per_in, per_out = MICROS[model if model in MICROS else "*"]
+    raw = prompt * per_in + completion * per_out
+    return (raw * 1500 * group_milli + 10**12 // 2) // 10**12
 
 
-def estimate_cost(content: str, max_tokens: int, model: str = "mock-gpt") -> int:
+def estimate_cost(content: str, max_tokens: int, model: str = "mock-gpt",
+                  group_milli: int = 1000) -> int:
     """LIMITS.md: ceil(bytes / 3) prompt tokens (the strings under messages:
-    role and content) plus max_tokens, priced, ×1.5, rounded up."""
+    role and content) plus max_tokens, priced exactly as billing prices
+    them, with the group's multiplier."""
     prompt = -(-(len("user") + len(content.encode())) // 3)
-    half_in, half_out = MICROS[model if model in MICROS else "*"]
-    halves = prompt * half_in + max_tokens * half_out
-    return -(-3 * halves // 4)  # ceil(H / 2 x 1.5)
+    return actual_cost(model, prompt, max_tokens, group_milli)
 
 
 def to_int(value: Any) -> int:
@@ -376,7 +377,7 @@ def test_budget_is_never_overshot_and_fully_usable(make_mock, make_gateway) -> N
     content = " ".join(["ab"] * 20)  # 20 words; 4 + 59 bytes -> 21 tokens estimated
     max_tokens = 200
     est = estimate_cost(content, max_tokens)
-    assert est == 632  # ceil((21 x 1 + 200 x 2) x 1.5)
+    assert est == 632  # (21 x 1 + 200 x 2) x 1.5, rounded half up
     first = actual_cost("mock-gpt", 20, 150)
     budget = 4 * est + 300
     mock = make_mock()
@@ -441,6 +442,94 @@ def test_budget_is_never_overshot_and_fully_usable(make_mock, make_gateway) -> N
     assert 0 <= budget - spent < est, f"spent {spent} of {budget} (hold {est})"
     # (budget - 4 x first - est) // cheap + 1 requests fit after wave 1.
     assert admitted == (budget - 4 * first - est) // cheap + 1
+
+
+def admin(db: str, *args: str) -> str:
+    """aigw-admin --db db args (must succeed); its stdout."""
+    result = subprocess.run([str(binary("admin")), "--db", db, *args], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result.stdout
+
+
+def test_group_multiplier_holds_never_overshoot_the_budget(make_mock, make_gateway,
+                                                           tmp_path) -> None:
+    """User carol of group "vip", whose price multiplier is 3.0 (set with
+    aigw-admin in billing's store), has a budget of four holds and a bit.
+    Billing charges her usage ×3; ratelimit must hold ×3 too. 40 concurrent
+    requests, each answered only after 500 ms so none is settled before all
+    are decided: exactly four are admitted and the ledger — priced by
+    billing, group vip — stays within the budget. Holds priced at 1.0 would
+    admit about twelve and the ledger would hold three times the budget.
+    Then cheap requests one by one until refused: spent never passes the
+    budget, and what is left is less than one hold."""
+    db = f"sqlite://{tmp_path / 'vip.db'}"
+    assert admin(db, "group", "set", "vip", "3").strip() == "vip multiplier 3.000"
+    key = admin(db, "key", "add", "--user", "carol", "--group", "vip").strip()
+    content = " ".join(["ab"] * 20)  # 21 tokens estimated, 20 words
+    max_tokens = 200
+    est = estimate_cost(content, max_tokens, group_milli=3000)
+    assert est == 1895  # (21 x 1 + 200 x 2) x 1.5 x 3 = 1894.5, half up
+    first = actual_cost("mock-gpt", 20, 150, group_milli=3000)
+    budget = 4 * est + 300
+    mock = make_mock()
+    mock.config(chunks=150, latency_ms=500)
+    gw = make_gateway([channel("a", mock)], prices=PRICES, database_url=db,
+                      limits={"users": {"carol": {"budget": budget}}})
+
+    results, _ = burst(gw, [chat(content=content, max_tokens=max_tokens)
+                            for _ in range(40)], key=key)
+    ok = [r for r in results if r[0] == 200]
+    for status, headers, body in results:
+        if status != 200:
+            assert status == 429, body
+            err = assert_openai_error(body, status)
+            assert (err["type"], err["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert len(ok) == budget // est == 4, (
+        f"{len(ok)} of 40 concurrent requests admitted; budget {budget} allows "
+        f"{budget // est} holds of {est} (group multiplier 3.0)")
+    rows = wait_rows(gw, [h["x-request-id"] for _, h, _ in ok])
+    assert len(rows) == 4
+    for row in rows.values():
+        assert (row["user"], row["prompt"], row["completion"], row["cost"]) == (
+            "carol", 20, 150, first), row
+    groups = gw.sql("SELECT DISTINCT group_name FROM usage_ledger")
+    assert [str(g[0]) for g in groups] == ["vip"], groups
+    assert sum(r["cost"] for r in rows.values()) <= budget
+
+    # Cheap requests (the same hold, 2 tokens really produced) until refused
+    # with less than one hold left; a refusal while a settle is on its way
+    # is retried.
+    mock.config(chunks=2, latency_ms=0)
+    admitted, refusals = 0, 0
+    deadline = time.monotonic() + 20
+    while True:
+        assert time.monotonic() < deadline, f"budget not usable: admitted {admitted}"
+        status, _, body = gw.request("POST", "/v1/chat/completions",
+                                     chat(content=content, max_tokens=max_tokens), key=key)
+        spent = sum(r["cost"] for r in ledger(gw).values())
+        assert spent <= budget, f"spent {spent} of a budget of {budget}"
+        if status == 200:
+            admitted += 1
+            assert admitted < 100, "the budget is not enforced"
+            continue
+        assert status == 429, body
+        assert assert_openai_error(body)["code"] == "insufficient_quota"
+        refusals += 1
+        rows = ledger(gw)
+        if len(rows) < 4 + admitted:
+            time.sleep(0.02)
+            continue
+        if budget - sum(r["cost"] for r in rows.values()) < est:
+            break
+        time.sleep(0.05)
+    rows = ledger(gw)
+    spent = sum(r["cost"] for r in rows.values())
+    cheap = actual_cost("mock-gpt", 20, 2, group_milli=3000)
+    assert spent == 4 * first + admitted * cheap, rows
+    assert 0 <= budget - spent < est, f"spent {spent} of {budget} (hold {est})"
+    print(f"group vip x3, budget {budget}: hold {est}, 4 x {first} at once, then "
+          f"{admitted} x {cheap}; spent {spent}, {refusals} refusal(s)")
 
 
 # --------------------------------------------------------------------------
@@ -686,6 +775,49 @@ def test_disconnect_mid_stream_is_billed(make_mock, make_gateway, mode: str) -> 
         assert row["completion"] <= cut["chunks_sent"], (row, cut)
         print(f"cancel: the provider had sent {cut['chunks_sent']} tokens")
         assert cut["at"] - hung_up < 1.0, cut
+
+
+def test_hang_up_before_the_first_byte_is_counted_once(make_mock, make_gateway) -> None:
+    """The client hangs up while the provider still thinks (before the first
+    byte of the stream). The edge cannot tell that the request reached the
+    provider, so it releases the hold; the bridge bills it anyway (499,
+    estimated), and billing's settle comes after the release. The limiter
+    must still count that cost: the key's budget counter in Redis ends
+    equal to the ledger's cost for the request, not at 0."""
+    url = require_env("AIGW_TEST_REDIS_URL")
+    env = redis_env()
+    mock = make_mock()
+    mock.config(latency_ms=1500)
+    gw = make_gateway([channel("a", mock)], prices=PRICES, redis_url=url, env=env,
+                      limits={"defaults": {"key": {"budget": 10**9}}})
+    counter = f"{{{env['AIGW_RATELIMIT_PREFIX']}}}:rl:bg:key:{key_id(KEY)}"
+
+    def spent() -> int:
+        out = subprocess.run(["redis-cli", "-u", url, "GET", counter], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        return int(out) if out else 0
+
+    sock = gw.raw_stream(chat(content="please count to three", stream=True, max_tokens=100))
+    try:
+        wait_for(lambda: mock.requests() == 1, 5, "the request to reach the provider")
+        assert spent() > 0  # the hold
+    finally:
+        sock.close()
+    rows: Dict[str, Dict[str, Any]] = {}
+
+    def billed() -> bool:
+        rows.update(ledger(gw))
+        return bool(rows)
+    wait_for(billed, 10, "the ledger row of the request the client left")
+    (row,) = rows.values()
+    assert (row["status"], row["estimated"]) == (499, True), row
+    assert row["cost"] > 0, row
+    try:
+        wait_for(lambda: spent() == row["cost"], 5, "the budget counter to reach the cost")
+    except AssertionError:
+        raise AssertionError(f"budget counter {spent()}, ledger cost {row['cost']}: the "
+                             f"settle after the release was lost\n{gw.logs()[-3000:]}")
+    print(f"hang-up before the first byte: ledger {row['cost']}, counter {spent()}")
 
 
 # --------------------------------------------------------------------------

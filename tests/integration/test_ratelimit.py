@@ -263,9 +263,11 @@ def test_settle_and_release_through_the_bus(procs: Procs, broker: Broker,
     limits.write_text('{"users": {"u": {"budget": 1000}}}')
     prices = tmp_path / "prices.json"
     prices.write_text('{"m": {"input": 1, "output": "20.00"}}')  # USD per 1M
+    # With prices, holds carry the group's multiplier from billing's store
+    # (DATABASE_URL): a fresh one here, where group "g" is 1.0.
     _rig(procs, broker, client, url, replicas=1, RATE_LIMIT_REQUESTS_PER_MINUTE="0",
          RATE_LIMIT_BURST="0", AIGW_LIMITS_FILE=str(limits), AIGW_PRICES_FILE=str(prices),
-         AIGW_PRICE_MULTIPLIER="1")
+         AIGW_PRICE_MULTIPLIER="1", DATABASE_URL=str(tmp_path / "aigw.db"))
     # Each request holds 2 prompt tokens x 1 + 16 x 20 = 322 micro-units.
     finals, _ = burst(client, "k-budget", 4)
     assert sorted(m.status for m in finals) == [200, 200, 200, 429]
