@@ -1418,24 +1418,20 @@ s_final_error (s_actor_t *self, const uint8_t *rid, const gw_ratelimit_refusal_t
     gw_worker_final (self->worker, rid, refusal->status, &envelope, &body);
 }
 
-//  Settle or release: body {rid: bin 16 | hex str, tokens, cost}.
-static void
-s_settle (s_actor_t *self, gw_msg_t *request, bool release)
+//  One settle/release item, the map value already read from reader: {rid:
+//  bin 16 | hex str, tokens, cost, lease_only}; other members (scopes, hold,
+//  est_tokens, lease) are in the limiter's own record and skipped. 0, or
+//  -1 if it is malformed.
+static int
+s_settle_item (gw_mreader_t *reader, const gw_mvalue_t *map, uint8_t target[16],
+    uint64_t *tokens, uint64_t *cost, bool *lease_only)
 {
-    const uint8_t *rid = gw_msg_rid (request);
-    zframe_t *frame = gw_msg_body (request);
-    gw_mreader_t reader;
-    gw_mreader_init (
-        &reader, frame ? zframe_data (frame) : NULL, frame ? zframe_size (frame) : 0);
-    gw_mvalue_t value, key, item;
-    uint8_t target[16];
+    gw_mvalue_t key, item;
     bool have_rid = false;
-    uint64_t tokens = 0, cost = 0;
-    bool lease_only = false;
-    bool ok = gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP;
-    for (uint32_t i = 0; ok && i < value.v.count; i++) {
-        ok = gw_mreader_next (&reader, &key) == 0 && key.type == GW_MP_STR &&
-            gw_mreader_next (&reader, &item) == 0;
+    bool ok = map->type == GW_MP_MAP;
+    for (uint32_t i = 0; ok && i < map->v.count; i++) {
+        ok = gw_mreader_next (reader, &key) == 0 && key.type == GW_MP_STR &&
+            gw_mreader_next (reader, &item) == 0;
         if (!ok)
             break;
         if (gw_mvalue_streq (&key, "rid")) {
@@ -1454,36 +1450,110 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
         else if (gw_mvalue_streq (&key, "tokens") || gw_mvalue_streq (&key, "cost")) {
             ok = item.type == GW_MP_UINT;
             if (ok)
-                *(gw_mvalue_streq (&key, "tokens") ? &tokens : &cost) = item.v.u;
+                *(gw_mvalue_streq (&key, "tokens") ? tokens : cost) = item.v.u;
         }
         else if (gw_mvalue_streq (&key, "lease_only") && item.type == GW_MP_BOOL)
-            lease_only = item.v.b;
+            *lease_only = item.v.b;
         else if (item.type == GW_MP_ARRAY || item.type == GW_MP_MAP) {
-            //  Other members (scopes, hold, est_tokens, lease) are in the
-            //  limiter's own record; skip their contents.
             uint32_t count = item.type == GW_MP_MAP ? item.v.count * 2 : item.v.count;
             for (uint32_t j = 0; ok && j < count; j++)
-                ok = gw_mreader_skip (&reader, DEPTH_MAX) == 0;
+                ok = gw_mreader_skip (reader, DEPTH_MAX) == 0;
         }
     }
-    if (!ok || !have_rid) {
-        gw_worker_error (self->worker, rid, 400, "invalid_request_error", "invalid_body",
-            "settle/release needs a body {rid: 16 bytes or 32 hex digits, tokens, "
-            "cost}.");
-        return;
-    }
+    return ok && have_rid ? 0 : -1;
+}
+
+//  Apply one item: 1 if it changed something, 0 if it was a no-op, -1 if
+//  the limit store is unavailable.
+static int
+s_settle_apply (s_actor_t *self, bool release, const uint8_t target[16], uint64_t tokens,
+    uint64_t cost, bool lease_only)
+{
     //  lease_only (a release from the edge at the FINAL of a request that
     //  reached a backend): the concurrency lease ends now; the hold waits
     //  for billing's settle.
-    int rc = release && lease_only ? gw_limiter_unlease (self->stage->limiter, target)
-        : release                  ? gw_limiter_release (self->stage->limiter, target)
+    return release && lease_only ? gw_limiter_unlease (self->stage->limiter, target)
+        : release                ? gw_limiter_release (self->stage->limiter, target)
                   : gw_limiter_settle (self->stage->limiter, target, tokens, cost);
-    if (rc < 0) {
-        gw_worker_error (self->worker, rid, 503, "api_error", "ratelimit_unavailable",
-            "The limit store is unavailable; the hold expires by itself.");
+}
+
+//  Settle or release (STAGES.md §6.3): body one item {rid, tokens, cost,
+//  lease_only, ...}, answered {settled: bool}; or a batch {settles: [item,
+//  ...]} (billing sends one per commit), answered {settled: uint, the items
+//  that changed something}. A malformed item refuses the whole batch before
+//  anything is applied.
+static void
+s_settle (s_actor_t *self, gw_msg_t *request, bool release)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    zframe_t *frame = gw_msg_body (request);
+    const byte *data = frame ? zframe_data (frame) : NULL;
+    size_t size = frame ? zframe_size (frame) : 0;
+    gw_mreader_t reader;
+    gw_mreader_init (&reader, data, size);
+    gw_mvalue_t value, key, item;
+    bool ok = gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP;
+    //  A batch: the top-level map is exactly {settles: [...]}.
+    bool batch = false;
+    uint32_t items = 0;
+    if (ok && value.v.count == 1) {
+        gw_mreader_t peek = reader;
+        batch = gw_mreader_next (&peek, &key) == 0 && key.type == GW_MP_STR &&
+            gw_mvalue_streq (&key, "settles") && gw_mreader_next (&peek, &item) == 0 &&
+            item.type == GW_MP_ARRAY;
+        if (batch) {
+            reader = peek;
+            items = item.v.count;
+        }
+    }
+    //  Validate every item first (a first pass over the same bytes), then
+    //  apply: a malformed batch changes nothing.
+    gw_mreader_t start = reader;
+    uint8_t target[16];
+    uint64_t tokens = 0, cost = 0;
+    bool lease_only = false;
+    for (uint32_t i = 0; ok && i < (batch ? items : 1); i++) {
+        gw_mvalue_t map = value;
+        if (batch)
+            ok = gw_mreader_next (&reader, &map) == 0;
+        ok =
+            ok && s_settle_item (&reader, &map, target, &tokens, &cost, &lease_only) == 0;
+    }
+    if (!ok) {
+        gw_worker_error (self->worker, rid, 400, "invalid_request_error", "invalid_body",
+            "settle/release needs a body {rid: 16 bytes or 32 hex digits, tokens, "
+            "cost}, or {settles: [such items]}.");
         return;
     }
-    zframe_t *body = zframe_new (rc ? "\x81\xa7settled\xc3" : "\x81\xa7settled\xc2", 10);
+    reader = start;
+    uint64_t changed = 0;
+    for (uint32_t i = 0; i < (batch ? items : 1); i++) {
+        gw_mvalue_t map = value;
+        if (batch)
+            gw_mreader_next (&reader, &map);
+        tokens = cost = 0;
+        lease_only = false;
+        s_settle_item (&reader, &map, target, &tokens, &cost, &lease_only);
+        int rc = s_settle_apply (self, release, target, tokens, cost, lease_only);
+        if (rc < 0) {
+            gw_worker_error (self->worker, rid, 503, "api_error", "ratelimit_unavailable",
+                "The limit store is unavailable; the hold expires by itself.");
+            return;
+        }
+        changed += (uint64_t)rc;
+    }
+    zframe_t *body;
+    if (batch) {
+        byte reply[32] = "\x81\xa7settled";
+        size_t used = 9;
+        //  uint 64 in msgpack: 0xcf + 8 bytes, big-endian
+        reply[used++] = 0xcf;
+        for (int shift = 56; shift >= 0; shift -= 8)
+            reply[used++] = (byte)(changed >> shift);
+        body = zframe_new (reply, used);
+    }
+    else
+        body = zframe_new (changed ? "\x81\xa7settled\xc3" : "\x81\xa7settled\xc2", 10);
     gw_worker_final (self->worker, rid, 200, NULL, &body);
 }
 
@@ -2236,6 +2306,40 @@ gw_ratelimit_test (bool verbose)
     assert (gw_msg_status (reply) == 400);
     gw_msg_destroy (&reply);
 
+    //  A batch of settles (billing sends one per commit): every item
+    //  applied, answered with how many changed something; a settled rid in
+    //  it is a no-op; one malformed item refuses the batch untouched.
+    uint8_t third[16], fourth[16];
+    reply = s_send (&rig, "chat", "k5", "carol", chat, third);
+    assert (gw_msg_status (reply) == 200);
+    gw_msg_destroy (&reply);
+    reply = s_send (&rig, "chat", "k6", "carol", chat, fourth);
+    assert (gw_msg_status (reply) == 200);
+    gw_msg_destroy (&reply);
+    char hex3[33], hex4[33], hex1[33], batch[512];
+    gw_rid_hex (third, hex3);
+    gw_rid_hex (fourth, hex4);
+    gw_rid_hex (first, hex1);
+    snprintf (batch, sizeof (batch),
+        "{\"settles\":[{\"rid\":\"%s\",\"cost\":20},{\"rid\":\"nothex\"}]}", hex3);
+    reply = s_send (&rig, "settle", NULL, NULL, batch, NULL);
+    assert (gw_msg_status (reply) == 400);
+    gw_msg_destroy (&reply);
+    snprintf (batch, sizeof (batch),
+        "{\"settles\":[{\"rid\":\"%s\",\"tokens\":10,\"cost\":20},"
+        "{\"rid\":\"%s\",\"tokens\":1,\"cost\":2,\"lease\":false},"
+        "{\"rid\":\"%s\",\"tokens\":50,\"cost\":100}]}",
+        hex3, hex4, hex1);
+    for (int round = 0; round < 2; round++) {
+        reply = s_send (&rig, "settle", NULL, NULL, batch, NULL);
+        assert (gw_msg_status (reply) == 200);
+        body = gw_msg_body (reply);
+        assert (streq (s_field (zframe_data (body), zframe_size (body), "settled", NULL,
+                           text, sizeof (text)),
+            round == 0 ? "2" : "0"));
+        gw_msg_destroy (&reply);
+    }
+
     //  A budget refusal: insufficient_quota, and no Retry-After.
     reply = s_send (&rig, "chat", "k2", "poor", chat, NULL);
     assert (gw_msg_status (reply) == 429);
@@ -2253,9 +2357,10 @@ gw_ratelimit_test (bool verbose)
                 sizeof (text)));
     gw_msg_destroy (&reply);
 
-    //  Metadata operations pass without limits.
+    //  Metadata operations pass without limits (forwarded: 2 chats, the 2
+    //  of the settle batch, this one).
     reply = s_send (&rig, "models", "k1", "alice", "{}", NULL);
-    assert (gw_msg_status (reply) == 200 && rig.forwarded == 3);
+    assert (gw_msg_status (reply) == 200 && rig.forwarded == 5);
     gw_msg_destroy (&reply);
     //  A body that is not a map is a 400, not a crash.
     reply = s_send (&rig, "chat", "k3", "alice", "[1]", NULL);
