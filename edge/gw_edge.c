@@ -67,6 +67,8 @@
 #define EDGE_INLINE_BODY (256 * 1024)  //  bodies up to this share the header write
 #define EDGE_BUF_KEEP (1024 * 1024)  //  per-thread buffers above this are freed
 #define EDGE_READ_STEP (64 * 1024)  //  mg_read size for bodies of unknown length
+#define EDGE_RELEASE                                                                     \
+    "edge.release"  //  handler -> I/O actor: a release item, never on the bus
 #define EDGE_MODEL_MAX 256  //  longest model name accepted
 #define EDGE_HEADERS_MAX 32  //  ann.headers entries passed on
 #define EDGE_HEADER_VALUE_MAX 1024  //  longest ann.headers value passed on
@@ -1061,18 +1063,14 @@ s_final_headers (s_req_t *req, gw_envelope_t *env, int status)
     }
 }
 
-//  Answer from the FINAL in thread->in.
+//  Answer from the FINAL in thread->in (its envelope decoded in thread->env).
 static void
 s_finish (s_req_t *req)
 {
     s_thread_t *thread = req->thread;
     gw_msg_t *final = thread->in;
     int status = gw_msg_status (final);
-    zframe_t *envelope = gw_msg_envelope (final);
-    gw_envelope_t *env = thread->env;
-    if (!envelope || zframe_size (envelope) == 0 ||
-        gw_envelope_decode (env, zframe_data (envelope), zframe_size (envelope)))
-        gw_envelope_decode (env, "\x80", 1);  //  empty
+    gw_envelope_t *env = thread->env;  //  decoded by s_dispatch
     zframe_t *body = gw_msg_body (final);
     const char *data = body ? (const char *)zframe_data (body) : "";
     size_t size = body ? zframe_size (body) : 0;
@@ -1137,9 +1135,13 @@ struct s_route_t {
 //  shutdown) before any PARTIAL came — is released: hold and lease given
 //  back. One that reached a backend only ends its concurrency lease
 //  ("lease_only"): the lease is released at FINAL, the hold is settled by
-//  billing with the actual usage. Fire and forget: REQUEST ratelimit,
-//  ann.op "release", body {rid, lease_only}; its FINAL is dropped with the
-//  next exchange's leftovers; a rid ratelimit holds nothing for is a no-op.
+//  billing with the actual usage. The handler thread hands the item {rid,
+//  lease_only} to the I/O actor (REQUEST for EDGE_RELEASE, never on the
+//  bus, never answered); the actor sends the items that arrive one after
+//  another as one REQUEST ratelimit, ann.op "release", body {releases:
+//  [items]}, before it forwards the next request and at the end of each
+//  turn of its loop, and drops its FINAL. A rid ratelimit holds nothing for
+//  is a no-op.
 static void
 s_release (s_req_t *req, const char *op, bool finished)
 {
@@ -1151,28 +1153,17 @@ s_release (s_req_t *req, const char *op, bool finished)
                                   gw_envelope_ann_raw (env, "usage", NULL) ||
                                   gw_envelope_ann_int (env, "attempts", 0) > 0)
                             : req->partial_seen;
-    uint8_t rid[16];
-    gw_rid_new (rid);
-    uint64_t deadline = (uint64_t)(gw_time_ms () + 5000);
-    gw_envelope_t *release = gw_envelope_new ();
-    gw_envelope_set_rid (release, rid);
-    gw_envelope_slip_append (release, "ratelimit");
-    gw_envelope_set_cursor (release, 0);
-    gw_envelope_set_deadline (release, deadline);
-    gw_envelope_set_ann_str (release, "op", "release");
-    zframe_t *envelope = gw_envelope_encode (release);
-    gw_envelope_destroy (&release);
     //  {rid: bin 16, lease_only: bool}
     uint8_t body[7 + 16 + 12] = {0x82, 0xa3, 'r', 'i', 'd', 0xc4, 16};
     memcpy (body + 7, req->rid, 16);
     memcpy (body + 23, "\xaalease_only", 11);
     body[34] = reached ? 0xc3 : 0xc2;
     zframe_t *frame = zframe_new (body, sizeof (body));
+    uint8_t rid[16];
+    gw_rid_new (rid);
     gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
     gw_msg_set_rid (msg, rid);
-    gw_msg_set_service (msg, "ratelimit");
-    gw_msg_set_deadline (msg, deadline);
-    gw_msg_set_envelope (msg, &envelope);
+    gw_msg_set_service (msg, EDGE_RELEASE);
     gw_msg_set_body (msg, &frame);
     gw_msg_send (msg, s_dealer (req->thread));
     gw_msg_destroy (&msg);
@@ -1232,9 +1223,19 @@ s_dispatch (s_req_t *req, const char *op, const char *model, bool stream,
     gw_msg_set_envelope (request, &envelope);
     gw_msg_set_body (request, body_p);
     bool finished = s_exchange (req, &request, stream) == 0;
+    if (finished) {
+        //  The FINAL's envelope, for s_release and s_finish.
+        zframe_t *final_env = gw_msg_envelope (req->thread->in);
+        if (!final_env || zframe_size (final_env) == 0 ||
+            gw_envelope_decode (
+                req->thread->env, zframe_data (final_env), zframe_size (final_env)))
+            gw_envelope_decode (req->thread->env, "\x80", 1);  //  empty
+    }
+    //  The release is handed over before the response's end is written, so
+    //  it reaches ratelimit before anything the client sends after it.
+    s_release (req, op, finished);
     if (finished)
         s_finish (req);
-    s_release (req, op, finished);
 }
 
 static void
@@ -1864,6 +1865,42 @@ s_io_reply (zsock_t *router, zframe_t *handler, const uint8_t rid[16], uint16_t 
     gw_msg_destroy (&final);
 }
 
+//  Send count release items (packed in items) as one REQUEST ratelimit,
+//  ann.op "release", body {releases: [items]} (STAGES.md §6.3).
+static void
+s_io_release (gw_client_t *client, msgpack_sbuffer *items, uint32_t count)
+{
+    uint8_t rid[16];
+    gw_rid_new (rid);
+    uint64_t deadline = (uint64_t)(gw_time_ms () + 5000);
+    gw_envelope_t *release = gw_envelope_new ();
+    gw_envelope_set_rid (release, rid);
+    gw_envelope_slip_append (release, "ratelimit");
+    gw_envelope_set_cursor (release, 0);
+    gw_envelope_set_deadline (release, deadline);
+    gw_envelope_set_ann_str (release, "op", "release");
+    zframe_t *envelope = gw_envelope_encode (release);
+    gw_envelope_destroy (&release);
+    msgpack_sbuffer buffer;
+    msgpack_sbuffer_init (&buffer);
+    msgpack_packer packer;
+    msgpack_packer_init (&packer, &buffer, msgpack_sbuffer_write);
+    msgpack_pack_map (&packer, 1);
+    gw_mpack_str (&packer, "releases");
+    msgpack_pack_array (&packer, count);
+    msgpack_sbuffer_write (&buffer, items->data, items->size);
+    zframe_t *body = zframe_new (buffer.data, buffer.size);
+    msgpack_sbuffer_destroy (&buffer);
+    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (msg, rid);
+    gw_msg_set_service (msg, "ratelimit");
+    gw_msg_set_deadline (msg, deadline);
+    gw_msg_set_envelope (msg, &envelope);
+    gw_msg_set_body (msg, &body);
+    //  Not sent (no bus): the holds and leases expire by themselves.
+    gw_client_send (client, &msg);
+}
+
 static void
 s_io_actor (zsock_t *pipe, void *args)
 {
@@ -1885,6 +1922,9 @@ s_io_actor (zsock_t *pipe, void *args)
     zhashx_t *flights = gw_rid_map_new (s_flight_free);
     size_t request_max = edge->body_max * 3 + 1024 * 1024;  //  msgpack may outgrow JSON
     gw_msg_t *in = NULL;
+    msgpack_sbuffer releases;  //  release items of this turn, packed
+    msgpack_sbuffer_init (&releases);
+    uint32_t released = 0;
     zsock_signal (pipe, 0);
 
     while (true) {
@@ -1916,6 +1956,24 @@ s_io_actor (zsock_t *pipe, void *args)
                 continue;
             const uint8_t *rid = gw_msg_rid (in);
             int id = gw_msg_id (in);
+            if (id == GW_MSG_REQUEST && streq (gw_msg_service (in), EDGE_RELEASE)) {
+                zframe_t *item = gw_msg_body (in);
+                if (item && zframe_size (item) > 0 && zframe_size (item) <= 256) {
+                    msgpack_sbuffer_write (
+                        &releases, (const char *)zframe_data (item), zframe_size (item));
+                    released++;
+                }
+                continue;
+            }
+            if (id == GW_MSG_REQUEST && released) {
+                //  Releases leave before any later request: a client that
+                //  got its response (the release was handed over before
+                //  it was written) and sends again is never refused for a
+                //  lease it no longer holds.
+                s_io_release (client, &releases, released);
+                msgpack_sbuffer_clear (&releases);
+                released = 0;
+            }
             if (id == GW_MSG_REQUEST) {
                 zframe_t *handler = zframe_dup (gw_msg_routing_id (in));
                 if (zhashx_lookup (flights, rid)) {
@@ -1945,7 +2003,13 @@ s_io_actor (zsock_t *pipe, void *args)
             else if (id == GW_MSG_CREDIT)
                 gw_client_credit (client, rid, gw_msg_credit (in));
         }
-        //  The bus: PARTIAL and FINAL to their handler threads.
+        if (released) {
+            s_io_release (client, &releases, released);
+            msgpack_sbuffer_clear (&releases);
+            released = 0;
+        }
+        //  The bus: PARTIAL and FINAL to their handler threads (a FINAL
+        //  for no flight, a release's, is dropped).
         gw_client_tick (client);
         gw_msg_t *msg;
         while ((msg = gw_client_recv (client))) {
@@ -1959,6 +2023,9 @@ s_io_actor (zsock_t *pipe, void *args)
             gw_msg_destroy (&msg);
         }
     }
+    if (released)
+        s_io_release (client, &releases, released);
+    msgpack_sbuffer_destroy (&releases);
     gw_msg_destroy (&in);
     zhashx_destroy (&flights);
     gw_client_destroy (&client);

@@ -1479,7 +1479,8 @@ s_settle_apply (s_actor_t *self, bool release, const uint8_t target[16], uint64_
 
 //  Settle or release (STAGES.md §6.3): body one item {rid, tokens, cost,
 //  lease_only, ...}, answered {settled: bool}; or a batch {settles: [item,
-//  ...]} (billing sends one per commit), answered {settled: uint, the items
+//  ...]} (billing sends one per commit) or {releases: [item, ...]} (the edge
+//  sends one per turn of its I/O loop), answered {settled: uint, the items
 //  that changed something}. A malformed item refuses the whole batch before
 //  anything is applied.
 static void
@@ -1493,14 +1494,15 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
     gw_mreader_init (&reader, data, size);
     gw_mvalue_t value, key, item;
     bool ok = gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_MAP;
-    //  A batch: the top-level map is exactly {settles: [...]}.
+    //  A batch: the top-level map is exactly {settles: [...]} (settle) or
+    //  {releases: [...]} (release).
     bool batch = false;
     uint32_t items = 0;
     if (ok && value.v.count == 1) {
         gw_mreader_t peek = reader;
         batch = gw_mreader_next (&peek, &key) == 0 && key.type == GW_MP_STR &&
-            gw_mvalue_streq (&key, "settles") && gw_mreader_next (&peek, &item) == 0 &&
-            item.type == GW_MP_ARRAY;
+            gw_mvalue_streq (&key, release ? "releases" : "settles") &&
+            gw_mreader_next (&peek, &item) == 0 && item.type == GW_MP_ARRAY;
         if (batch) {
             reader = peek;
             items = item.v.count;
@@ -1522,7 +1524,7 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
     if (!ok) {
         gw_worker_error (self->worker, rid, 400, "invalid_request_error", "invalid_body",
             "settle/release needs a body {rid: 16 bytes or 32 hex digits, tokens, "
-            "cost}, or {settles: [such items]}.");
+            "cost}, or {settles|releases: [such items]}.");
         return;
     }
     reader = start;
@@ -2339,6 +2341,34 @@ gw_ratelimit_test (bool verbose)
             round == 0 ? "2" : "0"));
         gw_msg_destroy (&reply);
     }
+    //  The edge's release batch: {releases: [...]} (a {settles: [...]} body
+    //  is not a release batch: 400).
+    reply = s_send (&rig, "chat", "k7", "carol", chat, third);
+    assert (gw_msg_status (reply) == 200);
+    gw_msg_destroy (&reply);
+    reply = s_send (&rig, "chat", "k8", "carol", chat, fourth);
+    assert (gw_msg_status (reply) == 200);
+    gw_msg_destroy (&reply);
+    gw_rid_hex (third, hex3);
+    gw_rid_hex (fourth, hex4);
+    snprintf (batch, sizeof (batch),
+        "{\"settles\":[{\"rid\":\"%s\",\"lease_only\":false}]}", hex3);
+    reply = s_send (&rig, "release", NULL, NULL, batch, NULL);
+    assert (gw_msg_status (reply) == 400);
+    gw_msg_destroy (&reply);
+    snprintf (batch, sizeof (batch),
+        "{\"releases\":[{\"rid\":\"%s\",\"lease_only\":false},"
+        "{\"rid\":\"%s\",\"lease_only\":false}]}",
+        hex3, hex4);
+    for (int round = 0; round < 2; round++) {
+        reply = s_send (&rig, "release", NULL, NULL, batch, NULL);
+        assert (gw_msg_status (reply) == 200);
+        body = gw_msg_body (reply);
+        assert (streq (s_field (zframe_data (body), zframe_size (body), "settled", NULL,
+                           text, sizeof (text)),
+            round == 0 ? "2" : "0"));
+        gw_msg_destroy (&reply);
+    }
 
     //  A budget refusal: insufficient_quota, and no Retry-After.
     reply = s_send (&rig, "chat", "k2", "poor", chat, NULL);
@@ -2358,9 +2388,9 @@ gw_ratelimit_test (bool verbose)
     gw_msg_destroy (&reply);
 
     //  Metadata operations pass without limits (forwarded: 2 chats, the 2
-    //  of the settle batch, this one).
+    //  of the settle batch, the 2 of the release batch, this one).
     reply = s_send (&rig, "models", "k1", "alice", "{}", NULL);
-    assert (gw_msg_status (reply) == 200 && rig.forwarded == 5);
+    assert (gw_msg_status (reply) == 200 && rig.forwarded == 7);
     gw_msg_destroy (&reply);
     //  A body that is not a map is a 400, not a crash.
     reply = s_send (&rig, "chat", "k3", "alice", "[1]", NULL);
