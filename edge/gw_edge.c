@@ -1866,39 +1866,13 @@ s_io_reply (zsock_t *router, zframe_t *handler, const uint8_t rid[16], uint16_t 
 }
 
 //  Send count release items (packed in items) as one REQUEST ratelimit,
-//  ann.op "release", body {releases: [items]} (STAGES.md §6.3).
+//  ann.op "release", body {releases: [items]} (STAGES.md §6.3). Not sent
+//  (no bus): the holds and leases expire by themselves.
 static void
 s_io_release (gw_client_t *client, msgpack_sbuffer *items, uint32_t count)
 {
-    uint8_t rid[16];
-    gw_rid_new (rid);
-    uint64_t deadline = (uint64_t)(gw_time_ms () + 5000);
-    gw_envelope_t *release = gw_envelope_new ();
-    gw_envelope_set_rid (release, rid);
-    gw_envelope_slip_append (release, "ratelimit");
-    gw_envelope_set_cursor (release, 0);
-    gw_envelope_set_deadline (release, deadline);
-    gw_envelope_set_ann_str (release, "op", "release");
-    zframe_t *envelope = gw_envelope_encode (release);
-    gw_envelope_destroy (&release);
-    msgpack_sbuffer buffer;
-    msgpack_sbuffer_init (&buffer);
-    msgpack_packer packer;
-    msgpack_packer_init (&packer, &buffer, msgpack_sbuffer_write);
-    msgpack_pack_map (&packer, 1);
-    gw_mpack_str (&packer, "releases");
-    msgpack_pack_array (&packer, count);
-    msgpack_sbuffer_write (&buffer, items->data, items->size);
-    zframe_t *body = zframe_new (buffer.data, buffer.size);
-    msgpack_sbuffer_destroy (&buffer);
-    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
-    gw_msg_set_rid (msg, rid);
-    gw_msg_set_service (msg, "ratelimit");
-    gw_msg_set_deadline (msg, deadline);
-    gw_msg_set_envelope (msg, &envelope);
-    gw_msg_set_body (msg, &body);
-    //  Not sent (no bus): the holds and leases expire by themselves.
-    gw_client_send (client, &msg);
+    gw_client_send_batch (client, "ratelimit", "release", "releases", items->data,
+        items->size, count, 5000);
 }
 
 static void

@@ -865,6 +865,41 @@ gw_client_connected (gw_client_t *self)
     return self->connected;
 }
 
+int
+gw_client_send_batch (gw_client_t *self, const char *service, const char *op,
+    const char *key, const void *items, size_t size, uint32_t count, int deadline_ms)
+{
+    assert (self);
+    uint8_t rid[16];
+    gw_rid_new (rid);
+    uint64_t deadline = (uint64_t)(gw_time_ms () + deadline_ms);
+    gw_envelope_t *envelope = gw_envelope_new ();
+    gw_envelope_set_rid (envelope, rid);
+    gw_envelope_slip_append (envelope, service);
+    gw_envelope_set_cursor (envelope, 0);
+    gw_envelope_set_deadline (envelope, deadline);
+    gw_envelope_set_ann_str (envelope, "op", op);
+    zframe_t *frame = gw_envelope_encode (envelope);
+    gw_envelope_destroy (&envelope);
+    msgpack_sbuffer buffer;
+    msgpack_sbuffer_init (&buffer);
+    msgpack_packer packer;
+    msgpack_packer_init (&packer, &buffer, msgpack_sbuffer_write);
+    msgpack_pack_map (&packer, 1);
+    gw_mpack_str (&packer, key);
+    msgpack_pack_array (&packer, count);
+    msgpack_sbuffer_write (&buffer, (const char *)items, size);
+    zframe_t *body = zframe_new (buffer.data, buffer.size);
+    msgpack_sbuffer_destroy (&buffer);
+    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (msg, rid);
+    gw_msg_set_service (msg, service);
+    gw_msg_set_deadline (msg, deadline);
+    gw_msg_set_envelope (msg, &frame);
+    gw_msg_set_body (msg, &body);
+    return gw_client_send (self, &msg);
+}
+
 //  --------------------------------------------------------------------------
 //  Self test: the session against a fake broker (a raw ROUTER + gw_msg).
 

@@ -60,6 +60,14 @@ zsock_t *gw_client_socket (gw_client_t *self);
 //  local FINAL 504 and is not sent.
 int gw_client_send (gw_client_t *self, gw_msg_t **request_p);
 
+//  Send a fire-and-forget batch (billing's settles, the edge's releases,
+//  STAGES.md §6.3): a REQUEST for service with a fresh rid, an envelope of
+//  slip [service], ann.op op and a deadline deadline_ms from now, and body
+//  {key: [count items]}, the items being the size packed msgpack bytes at
+//  items (copied). Returns gw_client_send's result.
+int gw_client_send_batch (gw_client_t *self, const char *service, const char *op,
+    const char *key, const void *items, size_t size, uint32_t count, int deadline_ms);
+
 //  Cancel a request in flight (reason 499 or 504) and forget it.
 int gw_client_cancel (gw_client_t *self, const uint8_t rid[16], uint16_t reason);
 

@@ -227,6 +227,19 @@ gw_actor_configure_int (zactor_t *actor, const char *key, int64_t value)
     return gw_actor_configure (actor, key, text);
 }
 
+zactor_t *
+gw_actor_connect (zactor_t *actor, const char *bus, const char *stage)
+{
+    zstr_sendx (actor, "CONNECT", bus, NULL);
+    if (zsock_wait (actor) != 0) {
+        gw_error ("%s: cannot connect to the bus at %s", stage, bus);
+        zactor_destroy (&actor);
+        return NULL;
+    }
+    gw_info ("%s: serving on %s", stage, bus);
+    return actor;
+}
+
 void
 gw_thread_name (const char *name)
 {

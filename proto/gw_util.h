@@ -74,6 +74,12 @@ char *gw_testdata_path (const char *relative);
 int gw_actor_configure (zactor_t *actor, const char *key, const char *value);
 int gw_actor_configure_int (zactor_t *actor, const char *key, int64_t value);
 
+//  Send a stage actor "CONNECT" bus and wait for its answer. On success
+//  logs "<stage>: serving on <bus>" (launchers and tests wait for that
+//  line) and returns the actor; on failure logs why, destroys the actor and
+//  returns NULL.
+zactor_t *gw_actor_connect (zactor_t *actor, const char *bus, const char *stage);
+
 //  Name the calling thread (at most 15 characters kept), as top -H, perf
 //  and gdb show it: every actor names its thread "aigw-<stage>".
 void gw_thread_name (const char *name);

@@ -1035,14 +1035,7 @@ gw_auth_launch (const char *bus)
     assert (actor);
     gw_actor_configure_int (
         actor, "capacity", gw_env_int ("AIGW_AUTH_CAPACITY", 1024, 1, 65535));
-    zstr_sendx (actor, "CONNECT", bus, NULL);
-    if (zsock_wait (actor) != 0) {
-        gw_error ("auth: cannot connect to the bus at %s", bus);
-        zactor_destroy (&actor);
-        return NULL;
-    }
-    gw_info ("auth: serving on %s", bus);
-    return actor;
+    return gw_actor_connect (actor, bus, "auth");
 }
 
 //  --------------------------------------------------------------------------

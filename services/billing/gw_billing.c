@@ -647,35 +647,8 @@ s_settle_send (s_actor_t *self, msgpack_sbuffer *items, uint32_t count)
         }
         return;
     }
-    msgpack_sbuffer buffer;
-    msgpack_sbuffer_init (&buffer);
-    msgpack_packer packer;
-    msgpack_packer_init (&packer, &buffer, msgpack_sbuffer_write);
-    msgpack_pack_map (&packer, 1);
-    gw_mpack_str (&packer, "settles");
-    msgpack_pack_array (&packer, count);
-    msgpack_sbuffer_write (&buffer, items->data, items->size);
-    zframe_t *body = zframe_new (buffer.data, buffer.size);
-    msgpack_sbuffer_destroy (&buffer);
-
-    uint8_t rid[16];
-    gw_rid_new (rid);
-    int64_t deadline = gw_time_ms () + SETTLE_DEADLINE_MS;
-    gw_envelope_t *envelope = gw_envelope_new ();
-    gw_envelope_set_rid (envelope, rid);
-    gw_envelope_slip_append (envelope, self->settle);
-    gw_envelope_set_cursor (envelope, 0);
-    gw_envelope_set_deadline (envelope, (uint64_t)deadline);
-    gw_envelope_set_ann_str (envelope, "op", "settle");
-    zframe_t *frame = gw_envelope_encode (envelope);
-    gw_envelope_destroy (&envelope);
-    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
-    gw_msg_set_rid (msg, rid);
-    gw_msg_set_service (msg, self->settle);
-    gw_msg_set_deadline (msg, (uint64_t)deadline);
-    gw_msg_set_envelope (msg, &frame);
-    gw_msg_set_body (msg, &body);
-    if (gw_client_send (self->client, &msg) == 0)
+    if (gw_client_send_batch (self->client, self->settle, "settle", "settles",
+            items->data, items->size, count, SETTLE_DEADLINE_MS) == 0)
         self->stats.settles++;
     else
         self->stats.settle_errors++;
@@ -1174,14 +1147,7 @@ gw_billing_launch (const char *bus, const char *url)
         zactor_destroy (&actor);
         return NULL;
     }
-    zstr_sendx (actor, "CONNECT", bus, NULL);
-    if (zsock_wait (actor) != 0) {
-        gw_error ("billing: cannot connect to the bus at %s", bus);
-        zactor_destroy (&actor);
-        return NULL;
-    }
-    gw_info ("billing: serving on %s", bus);
-    return actor;
+    return gw_actor_connect (actor, bus, "billing");
 }
 
 //  --------------------------------------------------------------------------

@@ -2076,18 +2076,11 @@ gw_bridge_launch (const char *bus, bool verbose)
         gw_env ("AIGW_SPOOL_DIR", "var/spool"), gw_env ("AIGW_DISCONNECT", "cancel")};
     for (int i = 0; i < 2; i++)
         rc |= gw_actor_configure (bridge, names[i], values[i]);
-    if (rc == 0) {
-        zstr_sendx (bridge, "CONNECT", bus, NULL);
-        rc = zsock_wait (bridge) == 0 ? 0 : -1;
-        if (rc)
-            gw_error ("bridge: cannot connect to %s", bus);
-    }
     if (rc) {
         zactor_destroy (&bridge);
         return NULL;
     }
-    gw_info ("bridge: serving \"bridge\" on %s", bus);
-    return bridge;
+    return gw_actor_connect (bridge, bus, "bridge");
 }
 
 //  --------------------------------------------------------------------------

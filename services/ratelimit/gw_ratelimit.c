@@ -1740,14 +1740,7 @@ gw_ratelimit_launch (const char *bus)
     }
     if (gw_log_enabled (GW_LOG_DEBUG))
         zstr_send (actor, "VERBOSE");  //  every decision at debug level
-    zstr_sendx (actor, "CONNECT", bus, NULL);
-    if (zsock_wait (actor) != 0) {
-        gw_error ("ratelimit: cannot connect to the bus at %s", bus);
-        zactor_destroy (&actor);
-        return NULL;
-    }
-    gw_info ("ratelimit: serving on %s", bus);
-    return actor;
+    return gw_actor_connect (actor, bus, "ratelimit");
 }
 
 //  --------------------------------------------------------------------------

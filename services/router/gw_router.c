@@ -978,14 +978,7 @@ gw_router_launch (const char *bus)
         streq (gw_env ("AIGW_LOCAL_MODELS", "0"), "1") ? "1" : "0");
     gw_actor_configure (
         actor, "local_admin_groups", gw_env ("AIGW_LOCAL_ADMIN_GROUPS", ""));
-    zstr_sendx (actor, "CONNECT", bus, NULL);
-    if (zsock_wait (actor) != 0) {
-        gw_error ("router: cannot connect to the bus at %s", bus);
-        zactor_destroy (&actor);
-        return NULL;
-    }
-    gw_info ("router: serving on %s", bus);
-    return actor;
+    return gw_actor_connect (actor, bus, "router");
 }
 
 //  --------------------------------------------------------------------------

@@ -110,6 +110,12 @@ def test_run_starts_serves_restarts_and_stops(make_mock, tmp_path: Path) -> None
         assert alive == [], f"processes left after Ctrl-C: {alive}"
     finally:
         if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
+            # SIGTERM first: run.sh stops every supervisor, and each runs in
+            # its own process group, out of reach of a kill of run.sh's.
+            run.send_signal(signal.SIGTERM)
+            try:
+                run.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
         log.close()
