@@ -1584,6 +1584,17 @@ gw_store_channel_delete (gw_store_t *self, const char *id)
     return rc < 0 ? rc : rc == 0 ? 1 : 0;
 }
 
+void
+gw_store_remove (const char *path)
+{
+    char side[PATH_MAX];
+    unlink (path);
+    snprintf (side, sizeof (side), "%s-wal", path);
+    unlink (side);
+    snprintf (side, sizeof (side), "%s-shm", path);
+    unlink (side);
+}
+
 //  --------------------------------------------------------------------------
 //  Self test
 

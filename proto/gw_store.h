@@ -188,6 +188,10 @@ int gw_store_channel_set (gw_store_t *self, const char *id, const char *config);
 char *gw_store_channel_get (gw_store_t *self, const char *id);
 int gw_store_channel_delete (gw_store_t *self, const char *id);
 
+//  Remove a SQLite database file and its -wal and -shm files (for tests
+//  and tools; a missing file is fine).
+void gw_store_remove (const char *path);
+
 //  Self test of this class: everything on a temporary SQLite file, and on
 //  PostgreSQL when AIGW_TEST_PG_URL is set (required if
 //  AIGW_REQUIRE_SERVICES=1).

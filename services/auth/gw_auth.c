@@ -1078,18 +1078,6 @@ s_try (gw_auth_t *auth, gw_envelope_t *env, const char *credential, const char *
     return rc;
 }
 
-//  Remove a SQLite database and its WAL files.
-static void
-s_unlink_db (const char *db)
-{
-    char side[300];
-    unlink (db);
-    snprintf (side, sizeof (side), "%s-wal", db);
-    unlink (side);
-    snprintf (side, sizeof (side), "%s-shm", db);
-    unlink (side);
-}
-
 //  True if no memory the key store owns holds the text.
 static bool
 s_holds_no (zhashx_t *table, const char *text)
@@ -1348,7 +1336,7 @@ gw_auth_test (bool verbose)
     assert (streq (gw_envelope_tenant_str (env, "user"), "alice"));
     gw_auth_destroy (&auth);
     gw_store_destroy (&store);
-    s_unlink_db (db);
+    gw_store_remove (db);
 
     //  An empty store leaves open mode on; AIGW_AUTH_STORE=0 is no store.
     snprintf (db, sizeof (db), "/tmp/aigw-auth-test-%d-empty.db", getpid ());
@@ -1358,7 +1346,7 @@ gw_auth_test (bool verbose)
     assert (s_try (auth, env, NULL, "m", &refusal) == GW_OK);
     assert (streq (gw_envelope_tenant_str (env, "user"), "anonymous"));
     gw_auth_destroy (&auth);
-    s_unlink_db (db);
+    gw_store_remove (db);
 
     //  Store down (its folder cannot be created): keys from the list still
     //  pass, every other key gets 503, open mode is off.

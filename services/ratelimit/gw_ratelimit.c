@@ -1805,17 +1805,6 @@ s_admit_user (gw_ratelimit_t *self, const char *user, uint8_t rid[16],
     return s_admit_in (self, user, NULL, rid, refusal, NULL);
 }
 
-static void
-s_unlink_db (const char *db)
-{
-    char path[160];
-    unlink (db);
-    snprintf (path, sizeof (path), "%s-wal", db);
-    unlink (path);
-    snprintf (path, sizeof (path), "%s-shm", db);
-    unlink (path);
-}
-
 //  Balance enforcement over a SQLite store (docs/LIMITS.md "Balance").
 static void
 s_balance_test (const char *prices_path)
@@ -1871,7 +1860,7 @@ s_balance_test (const char *prices_path)
     assert (s_admit_user (self, "rich", rid, &refusal) == GW_OK);
     gw_ratelimit_destroy (&self);
     gw_store_destroy (&store);
-    s_unlink_db (db);
+    gw_store_remove (db);
 }
 
 static void
@@ -1906,7 +1895,7 @@ s_group_test (const char *prices_path, const char *limits_path)
 {
     char db[128], error[256];
     snprintf (db, sizeof (db), "/tmp/aigw-rl-groups-%d.db", getpid ());
-    s_unlink_db (db);
+    gw_store_remove (db);
     gw_store_t *store = gw_store_new (db, error, sizeof (error));
     assert (store);
     assert (gw_store_group_set (store, "vip", 3000) == 0);
@@ -1985,7 +1974,7 @@ s_group_test (const char *prices_path, const char *limits_path)
     gw_ratelimit_destroy (&self);
     zframe_destroy (&body);
     gw_store_destroy (&store);
-    s_unlink_db (db);
+    gw_store_remove (db);
 }
 
 typedef struct {
@@ -2095,6 +2084,23 @@ s_settle_call (s_rig_t *rig, const char *op, const uint8_t *target, uint64_t tok
                        sizeof (text)),
         expect));
     gw_msg_destroy (&reply);
+}
+
+//  Send a settle/release batch twice: the first answer says expect items
+//  changed something, the second (idempotent) none.
+static void
+s_batch_call (s_rig_t *rig, const char *op, const char *json, const char *expect)
+{
+    char text[64];
+    for (int round = 0; round < 2; round++) {
+        gw_msg_t *reply = s_send (rig, op, NULL, NULL, json, NULL);
+        assert (gw_msg_status (reply) == 200);
+        zframe_t *body = gw_msg_body (reply);
+        assert (streq (s_field (zframe_data (body), zframe_size (body), "settled", NULL,
+                           text, sizeof (text)),
+            round == 0 ? expect : "0"));
+        gw_msg_destroy (&reply);
+    }
 }
 
 void
@@ -2325,15 +2331,7 @@ gw_ratelimit_test (bool verbose)
         "{\"rid\":\"%s\",\"tokens\":1,\"cost\":2,\"lease\":false},"
         "{\"rid\":\"%s\",\"tokens\":50,\"cost\":100}]}",
         hex3, hex4, hex1);
-    for (int round = 0; round < 2; round++) {
-        reply = s_send (&rig, "settle", NULL, NULL, batch, NULL);
-        assert (gw_msg_status (reply) == 200);
-        body = gw_msg_body (reply);
-        assert (streq (s_field (zframe_data (body), zframe_size (body), "settled", NULL,
-                           text, sizeof (text)),
-            round == 0 ? "2" : "0"));
-        gw_msg_destroy (&reply);
-    }
+    s_batch_call (&rig, "settle", batch, "2");
     //  The edge's release batch: {releases: [...]} (a {settles: [...]} body
     //  is not a release batch: 400).
     reply = s_send (&rig, "chat", "k7", "carol", chat, third);
@@ -2353,15 +2351,7 @@ gw_ratelimit_test (bool verbose)
         "{\"releases\":[{\"rid\":\"%s\",\"lease_only\":false},"
         "{\"rid\":\"%s\",\"lease_only\":false}]}",
         hex3, hex4);
-    for (int round = 0; round < 2; round++) {
-        reply = s_send (&rig, "release", NULL, NULL, batch, NULL);
-        assert (gw_msg_status (reply) == 200);
-        body = gw_msg_body (reply);
-        assert (streq (s_field (zframe_data (body), zframe_size (body), "settled", NULL,
-                           text, sizeof (text)),
-            round == 0 ? "2" : "0"));
-        gw_msg_destroy (&reply);
-    }
+    s_batch_call (&rig, "release", batch, "2");
 
     //  A budget refusal: insufficient_quota, and no Retry-After.
     reply = s_send (&rig, "chat", "k2", "poor", chat, NULL);
