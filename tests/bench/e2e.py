@@ -67,6 +67,7 @@ BEGIN, END = "<!-- e2e-bench:begin -->", "<!-- e2e-bench:end -->"
 KEY = "sk-aigw-bench-0123456789abcdef0123"
 UPSTREAM_KEY = "sk-upstream-bench-0123456789"
 MODEL = "gpt-4o-mini"
+PRICES = {MODEL: {"input": "0.15", "output": "0.6"}}  # USD per 1M tokens
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS = ("direct", "nginx", "aigw", "aigw-1p")
 AIGWS = ("aigw", "aigw-1p")
@@ -404,8 +405,16 @@ class Aigw:
                     # -c64 plus the readiness probe must fit with room to spare
                     "AIGW_EDGE_THREADS": os.environ.get("BENCH_EDGE_THREADS", "128"),
                     # billing/ratelimit stores stay inside the temp dir
-                    "AIGW_VAR": str(tmp / "var"), "DATABASE_URL": "", "REDIS_URL": ""}
+                    "AIGW_VAR": str(tmp / "var"), "DATABASE_URL": str(tmp / "var" / "aigw.db"),
+                    "REDIS_URL": "",
+                    # The money path does its real work: every request is
+                    # counted against a per-key rate limit (set far above the
+                    # load, so nothing is refused), held and billed at a price.
+                    "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000000",
+                    "RATE_LIMIT_BURST": "1000000000",
+                    "AIGW_PRICES_FILE": str(tmp / "prices.json")}
         (tmp / "var").mkdir(exist_ok=True)
+        (tmp / "prices.json").write_text(json.dumps(PRICES))
 
     def argv(self, stage: str) -> List[str]:
         argv = [str(self.b / f"aigw-{stage}")]
@@ -445,13 +454,16 @@ class Aigw:
                                                   "billing") if s in self.stages]
         missing = [s for s, ok in self.optional.items() if not ok]
         if self.colocated:
-            return (f"aigw-1p: the same stages ({', '.join(parts)}) as actors of one "
+            return (f"aigw-1p: the same stages ({', '.join(parts)}) and configuration as actors of one "
                     f"aigw-gateway process over inproc (co-location, docs/OPERATIONS.md), "
                     f"AIGW_SLIP={self.slip}, LOG_LEVEL=warn, "
                     f"AIGW_EDGE_THREADS={self.env['AIGW_EDGE_THREADS']}")
         text = (f"aigw: {', '.join(parts)} as separate processes, one each, bus on loopback "
                 f"{self.transport}, AIGW_SLIP={self.slip}, LOG_LEVEL=warn, "
-                f"AIGW_EDGE_THREADS={self.env['AIGW_EDGE_THREADS']}")
+                f"AIGW_EDGE_THREADS={self.env['AIGW_EDGE_THREADS']}; a per-key rate limit "
+                f"(RATE_LIMIT_REQUESTS_PER_MINUTE far above the load) and a price for "
+                f"{MODEL}, so every request is counted, held, settled and billed into "
+                f"SQLite")
         if missing:
             text += f" ({', '.join(missing)} not built yet: not included)"
         return text
