@@ -94,6 +94,7 @@ struct _gw_ratelimit_t {
     int groups_refresh_ms;  //  AIGW_GROUPS_REFRESH_MS
     int64_t groups_read_at;  //  mono ms of the last successful read
     zhashx_t *groups;  //  group -> int64_t thousandths; NULL until read
+    zhashx_t *store_prices;  //  model -> gw_price_t, read with groups; NULL until read
     //  Balance enforcement (AIGW_ENFORCE_BALANCE), off unless balance_on
     bool balance_on;  //  enforce every user's balance
     int balance_refresh_ms;  //  AIGW_BALANCE_REFRESH_MS
@@ -176,6 +177,7 @@ gw_ratelimit_destroy (gw_ratelimit_t **self_p)
         gw_store_destroy (&self->store);
         zhashx_destroy (&self->balances);
         zhashx_destroy (&self->groups);
+        zhashx_destroy (&self->store_prices);
         free (self->store_url);
         free (self);
         *self_p = NULL;
@@ -665,8 +667,9 @@ gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_size
     const char *groups = gw_env ("AIGW_GROUP_MULTIPLIERS", "1");
     if (!streq (groups, "0") && !streq (groups, "1"))
         return s_fail (error, error_size, "AIGW_GROUP_MULTIPLIERS must be 0 or 1");
-    //  Without prices every hold is 0: no multiplier to read.
-    if (streq (groups, "1") && self->prices_file.path) {
+    //  Prices and multipliers from the store, as billing prices: always, so
+    //  a price set with aigw-admin (or in SQL) is held as it is billed.
+    if (streq (groups, "1")) {
         long value;
         if (s_env_ms ("AIGW_GROUPS_REFRESH_MS", 5000, 100, &value))
             return s_fail (error, error_size,
@@ -702,6 +705,7 @@ s_store_use (gw_ratelimit_t *self, const char *url)
     self->store_retry_at = 0;
     self->store_down = false;
     zhashx_destroy (&self->groups);
+    zhashx_destroy (&self->store_prices);
     if (self->balances)
         zhashx_purge (self->balances);
 }
@@ -712,6 +716,7 @@ gw_ratelimit_set_groups (gw_ratelimit_t *self, const char *url, int refresh_ms)
     assert (self);
     self->groups_on = url != NULL;
     zhashx_destroy (&self->groups);
+    zhashx_destroy (&self->store_prices);
     if (url) {
         s_store_use (self, url);
         self->groups_refresh_ms = refresh_ms > 0 ? refresh_ms : 5000;
@@ -862,9 +867,18 @@ s_group_loaded (const char *name, int64_t multiplier, void *arg)
     zhashx_update ((zhashx_t *)arg, name, copy);
 }
 
-//  Re-read the multiplier of every group (one small query) when the last
-//  read is groups_refresh_ms old, as billing re-reads them; on failure the
-//  last table stays in force.
+static void
+s_price_loaded (const char *model, const gw_price_t *price, void *arg)
+{
+    gw_price_t *copy = (gw_price_t *)malloc (sizeof (gw_price_t));
+    assert (copy);
+    *copy = *price;
+    zhashx_update ((zhashx_t *)arg, model, copy);
+}
+
+//  Re-read the multiplier of every group and every model's price (two
+//  small queries) when the last read is groups_refresh_ms old, as billing
+//  re-reads them; on failure the last tables stay in force.
 static void
 s_groups_refresh (gw_ratelimit_t *self)
 {
@@ -876,19 +890,48 @@ s_groups_refresh (gw_ratelimit_t *self)
     if (!store)
         return;
     zhashx_t *groups = zhashx_new ();
-    assert (groups);
+    zhashx_t *prices = zhashx_new ();
+    assert (groups && prices);
     zhashx_set_destructor (groups, (zhashx_destructor_fn *)zstr_free);
-    if (gw_store_group_each (store, s_group_loaded, groups) < 0) {
+    zhashx_set_destructor (prices, (zhashx_destructor_fn *)zstr_free);
+    if (gw_store_group_each (store, s_group_loaded, groups) < 0 ||
+        gw_store_price_each (store, s_price_loaded, prices) < 0) {
         char why[256];
         snprintf (why, sizeof (why), "%s", gw_store_error (store));
         zhashx_destroy (&groups);
+        zhashx_destroy (&prices);
         s_store_outage (self, why);
         return;
     }
     s_store_ok (self);
     zhashx_destroy (&self->groups);
+    zhashx_destroy (&self->store_prices);
     self->groups = groups;
+    self->store_prices = prices;
     self->groups_read_at = now;
+}
+
+//  The price of model as billing finds it: the store's (what billing
+//  prices with; AIGW_PRICES_FILE is loaded into it at billing's start),
+//  else the prices file's, the model's own before "*". NULL: unpriced.
+static const gw_price_t *
+s_price (gw_ratelimit_t *self, const char *model)
+{
+    if (self->groups_on)
+        s_groups_refresh (self);
+    const char *names[] = {model, "*"};
+    for (int i = 0; i < 2; i++) {
+        if (!names[i])
+            continue;
+        const gw_price_t *price = self->store_prices
+            ? (const gw_price_t *)zhashx_lookup (self->store_prices, names[i])
+            : NULL;
+        if (!price)
+            price = (const gw_price_t *)zhashx_lookup (self->prices, names[i]);
+        if (price)
+            return price;
+    }
+    return NULL;
 }
 
 //  The multiplier of group in thousandths, as billing applies it (a group
@@ -1000,10 +1043,11 @@ gw_ratelimit_estimate (gw_ratelimit_t *self, const char *op, const char *model,
         max_tokens = embeddings ? 0 : self->default_max_tokens;
     estimate->prompt_tokens = (bytes + 2) / 3;
     estimate->max_tokens = max_tokens * n;
-    const gw_price_t *price =
-        model ? (const gw_price_t *)zhashx_lookup (self->prices, model) : NULL;
-    if (!price)
-        price = (const gw_price_t *)zhashx_lookup (self->prices, "*");
+    const gw_price_t *price = s_price (self, model);
+    //  Prices and multipliers from a store never read: the hold may be
+    //  short (a cost limit then gets the fail mode).
+    if (self->groups_on && !self->groups)
+        estimate->group_unknown = true;
     if (price) {
         //  As billing: tenant.group, else "default"; cached tokens are not
         //  known in advance, so the prompt is held at the input price.
@@ -1309,8 +1353,9 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
         s_cost_limited (&request)) {
         gw_envelope_set_ann_int (envelope, "retry_after", 1);
         return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", 1,
-            "The price multiplier of group %s cannot be read right now (the store is "
-            "unavailable), so the request was refused. Please try again shortly.",
+            "The prices and the multiplier of group %s cannot be read right now (the "
+            "store is unavailable), so the request was refused. Please try again "
+            "shortly.",
             group && *group ? group : "default");
     }
     request.tokens = estimate.prompt_tokens + estimate.max_tokens;
@@ -1718,10 +1763,9 @@ gw_ratelimit_launch (const char *bus)
         gw_info ("ratelimit: counters in memory (embedded; set REDIS_URL to share them "
                  "between replicas)");
 
-    if (gw_env ("AIGW_PRICES_FILE", NULL) &&
-        !streq (gw_env ("AIGW_GROUP_MULTIPLIERS", "1"), "0"))
-        gw_info ("ratelimit: pricing holds with the group multipliers of %s (re-read "
-                 "every %s ms)",
+    if (!streq (gw_env ("AIGW_GROUP_MULTIPLIERS", "1"), "0"))
+        gw_info ("ratelimit: pricing holds with the prices and group multipliers of %s "
+                 "(re-read every %s ms)",
             gw_env ("DATABASE_URL", "var/aigw.db"),
             gw_env ("AIGW_GROUPS_REFRESH_MS", "5000"));
     if (streq (gw_env ("AIGW_ENFORCE_BALANCE", "0"), "1"))
@@ -1956,6 +2000,28 @@ s_group_test (const char *prices_path, const char *limits_path)
     assert (gw_ratelimit_estimate (self, "chat", "m", NULL, zframe_data (body),
                 zframe_size (body), &estimate) == 0);
     assert (estimate.cost == 450);
+
+    //  Prices as billing finds them: a model priced only in the store (set
+    //  with aigw-admin) is held at that price; the store's price of a model
+    //  wins over the file's (billing loads the file into the store and then
+    //  prices from the store); a model priced nowhere holds nothing.
+    gw_price_t store_price = {0};
+    store_price.input = 1000000;  //  $1 per 1M tokens = 1 µ per token
+    store_price.output = 4000000;
+    store_price.cached_input = 1000000;
+    assert (gw_store_price_set (store, "admin-only", &store_price) == 0);
+    zclock_sleep (20);
+    assert (gw_ratelimit_estimate (self, "chat", "admin-only", NULL, zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (estimate.cost == 900);  //  100 × 4 µ × 1.5 × "default" 1.5
+    assert (gw_store_price_set (store, "m", &store_price) == 0);
+    zclock_sleep (20);
+    assert (gw_ratelimit_estimate (self, "chat", "m", NULL, zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (estimate.cost == 900);  //  the store's 4 µ, not the file's 2 µ
+    assert (gw_ratelimit_estimate (self, "chat", "unpriced", NULL, zframe_data (body),
+                zframe_size (body), &estimate) == 0);
+    assert (estimate.cost == 0);
     gw_ratelimit_destroy (&self);
 
     //  Store never readable: a request whose group has a cost limit is

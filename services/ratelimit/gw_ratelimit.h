@@ -61,7 +61,8 @@ typedef struct {
     uint64_t max_tokens;  //  output tokens reserved (max_tokens × n)
     uint64_t cost;  //  micro-units: gw_price_cost of those tokens, as billing
     int64_t group_milli;  //  the group multiplier applied, thousandths
-    bool group_unknown;  //  it could not be read (priced at 1.0)
+    bool group_unknown;  //  the store could never be read: prices from the file
+        //  only, the group at 1.0
 } gw_ratelimit_estimate_t;
 
 //  Create the stage logic over limiter (taken, nulled). Defaults: no
@@ -86,13 +87,15 @@ int gw_ratelimit_configure_env (gw_ratelimit_t *self, char *error, size_t error_
 int gw_ratelimit_set_defaults (
     gw_ratelimit_t *self, const char *kind, const gw_limits_t *limits);
 
-//  Price holds with the multiplier of the request's group (tenant.group,
-//  else "default"), read from billing's store at url (opened on demand, the
-//  one connection balances use too) and re-read every refresh_ms, as
-//  billing re-reads it: a hold is then exactly billing's cost of the tokens
-//  it reserves. A group not in the store is 1.0. url NULL turns it off
-//  (every group 1.0). configure_env calls it from AIGW_GROUP_MULTIPLIERS
-//  (default 1, when a prices file is set), DATABASE_URL and
+//  Price holds as billing prices: with the store's model prices (falling
+//  back to the prices file's) and the multiplier of the request's group
+//  (tenant.group, else "default"), read from billing's store at url (opened
+//  on demand, the one connection balances use too) and re-read every
+//  refresh_ms, as billing re-reads them: a hold is then exactly billing's
+//  cost of the tokens it reserves, also for a price set with aigw-admin. A
+//  group not in the store is 1.0. url NULL turns it off (prices from the
+//  file only, every group 1.0). configure_env calls it from
+//  AIGW_GROUP_MULTIPLIERS (default 1), DATABASE_URL and
 //  AIGW_GROUPS_REFRESH_MS. Store unavailable before the first read: a
 //  request with a cost limit is answered by the limiter's fail mode.
 void gw_ratelimit_set_groups (gw_ratelimit_t *self, const char *url, int refresh_ms);

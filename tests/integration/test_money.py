@@ -366,14 +366,18 @@ def test_ratelimit_headers_on_every_success(make_mock, make_gateway) -> None:
 # b. A budget: never overshot, fully usable
 
 
-def test_budget_is_never_overshot_and_fully_usable(make_mock, make_gateway) -> None:
+@pytest.mark.parametrize("prices_from", ["file", "store"])
+def test_budget_is_never_overshot_and_fully_usable(make_mock, make_gateway, tmp_path,
+                                                   prices_from: str) -> None:
     """Budget N for the key; every request holds its estimate (prompt bytes/3
     + max_tokens, priced). 40 concurrent requests: exactly N // estimate are
     admitted (holds: none beyond; atomic: none fewer) and their billed sum is
     within N although every one of the 40 would have been billed had the
     check come before the charge. Billing then settles each hold to the
     actual cost, so further requests are admitted until what is left of N
-    is less than one estimate."""
+    is less than one estimate. The prices come from AIGW_PRICES_FILE, or only
+    from the store (set with aigw-admin, no price file anywhere): ratelimit
+    must hold at the price billing charges either way."""
     content = " ".join(["ab"] * 20)  # 20 words; 4 + 59 bytes -> 21 tokens estimated
     max_tokens = 200
     est = estimate_cost(content, max_tokens)
@@ -384,8 +388,15 @@ def test_budget_is_never_overshot_and_fully_usable(make_mock, make_gateway) -> N
     # The provider holds every answer 500 ms, so no request of wave 1 is
     # settled (giving back part of its hold) before all 40 are decided.
     mock.config(chunks=150, latency_ms=500)
-    gw = make_gateway([channel("a", mock)], prices=PRICES,
-                      limits={"defaults": {"key": {"budget": budget}}})
+    store: Dict[str, Any] = {}
+    if prices_from == "store":
+        db = tmp_path / "admin-priced.db"
+        for model, price in PRICES.items():
+            admin(str(db), "price", "set", model, str(int(float(price["input"]) * 10**6)),
+                  str(int(float(price["output"]) * 10**6)))
+        store = {"database_url": f"sqlite://{db}"}
+    gw = make_gateway([channel("a", mock)], prices=PRICES if prices_from == "file" else None,
+                      limits={"defaults": {"key": {"budget": budget}}}, **store)
 
     # Wave 1: 40 at once.
     results, elapsed = burst(gw, [chat(content=content, max_tokens=max_tokens)
