@@ -365,7 +365,7 @@ s_new (void)
     gw_limiter_t *self = (gw_limiter_t *)zmalloc (sizeof (gw_limiter_t));
     assert (self);
     pthread_mutex_init (&self->mutex, NULL);
-    self->timeout_ms = 50;
+    self->timeout_ms = 100;
     strcpy (self->prefix, "aigw");
     self->table = zhashx_new ();
     assert (self->table);
@@ -524,7 +524,7 @@ gw_limiter_new_env (void)
         return NULL;
     }
     self->fail_open = streq (fail, "open");
-    self->timeout_ms = (int)gw_env_int ("AIGW_REDIS_TIMEOUT_MS", 50, 1, 10000);
+    self->timeout_ms = (int)gw_env_int ("AIGW_REDIS_TIMEOUT_MS", 100, 1, 10000);
     gw_limiter_set_prefix (self, gw_env ("AIGW_RATELIMIT_PREFIX", "aigw"));
     return self;
 }
@@ -1141,6 +1141,33 @@ s_ready (gw_limiter_t *self)
     return true;
 }
 
+//  Run a script call; on an I/O failure (a reply later than the timeout on
+//  a loaded machine, a dropped connection) run it once more on a fresh
+//  connection before the fail mode takes over. Both scripts are idempotent
+//  per rid (admit finds the record it wrote and answers "already admitted";
+//  settle and release find the record settled or tombstoned), so a first
+//  attempt that did run is not counted twice, and a token it took is not
+//  lost to a refusal. NULL: an outage (logged).
+static redisReply *
+s_command_retry (gw_limiter_t *self, int argc, const char **argv, const size_t *lens)
+{
+    redisReply *reply = (redisReply *)redisCommandArgv (self->ctx, argc, argv, lens);
+    if (reply)
+        return reply;
+    char why[160];
+    snprintf (
+        why, sizeof (why), "%s", self->ctx->errstr[0] ? self->ctx->errstr : "I/O error");
+    redisFree (self->ctx);
+    self->ctx = NULL;
+    self->retry_at = 0;  //  reconnect now, once
+    if (!s_ready (self))
+        return NULL;  //  s_ready declared the outage
+    reply = (redisReply *)redisCommandArgv (self->ctx, argc, argv, lens);
+    if (!reply)
+        s_outage (self, self->ctx->errstr[0] ? self->ctx->errstr : why);
+    return reply;
+}
+
 //  EVALSHA (loading the script again on NOSCRIPT). argv[0..1] are filled
 //  here. Returns the reply (caller frees) or NULL (outage or error reply,
 //  logged).
@@ -1152,7 +1179,7 @@ s_eval (gw_limiter_t *self, bool admit, int argc, const char **argv, size_t *len
         lens[0] = 7;
         argv[1] = admit ? self->sha_admit : self->sha_settle;
         lens[1] = 40;
-        redisReply *reply = s_command (self, argc, argv, lens);
+        redisReply *reply = s_command_retry (self, argc, argv, lens);
         if (!reply)
             return NULL;
         if (reply->type != REDIS_REPLY_ERROR)
@@ -1932,6 +1959,20 @@ s_outage_test (const char *url, const char *prefix, bool verbose)
     uint8_t rid[16];
     assert (s_try (limiter, "key:outage", &rpm, 0, 0, &result, rid) == 0);
     assert (!result.unavailable && gw_limiter_available (limiter));
+
+    //  A connection lost under a call (here: killed by the server) costs a
+    //  retry on a fresh connection, not an outage: the call is answered
+    //  for real and the limiter stays available.
+    s_redis_cli (port, "client kill type normal");
+    assert (s_try (limiter, "key:outage", &rpm, 0, 0, &result, NULL) == 0);
+    assert (!result.unavailable && gw_limiter_available (limiter));
+    //  And an admission that did run is answered as such when asked again
+    //  (what the retry relies on): the same rid is a duplicate, not a
+    //  second reservation.
+    gw_limiter_request_t again = s_request ("key:outage", &rpm, 0, 0);
+    memcpy (again.rid, rid, 16);
+    assert (gw_limiter_admit (limiter, &again, &result) == 0);
+    assert (result.admitted && result.duplicate);
 
     s_redis_cli (port, "shutdown nosave");
     for (int i = 0; i < 20; i++) {

@@ -111,7 +111,7 @@ gw_limiter_t *gw_limiter_new (const char *url);
 
 //  Create from the environment: REDIS_URL, else REDIS_ADDR (host:port) with
 //  REDIS_PASSWORD and REDIS_DB, else memory. Also reads AIGW_RATELIMIT_FAIL
-//  (open|closed, default closed), AIGW_REDIS_TIMEOUT_MS (default 50) and
+//  (open|closed, default closed), AIGW_REDIS_TIMEOUT_MS (default 100) and
 //  AIGW_RATELIMIT_PREFIX (default "aigw"). NULL if the settings are invalid
 //  (error written to stderr by the caller's log).
 gw_limiter_t *gw_limiter_new_env (void);
