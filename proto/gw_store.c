@@ -1584,6 +1584,54 @@ gw_store_channel_delete (gw_store_t *self, const char *id)
     return rc < 0 ? rc : rc == 0 ? 1 : 0;
 }
 
+static void
+s_pricing_price (const char *model, const gw_price_t *price, void *arg)
+{
+    gw_price_t *copy = (gw_price_t *)malloc (sizeof (gw_price_t));
+    assert (copy);
+    *copy = *price;
+    zhashx_update ((zhashx_t *)arg, model, copy);
+}
+
+static void
+s_pricing_group (const char *name, int64_t multiplier, void *arg)
+{
+    int64_t *copy = (int64_t *)malloc (sizeof (int64_t));
+    assert (copy);
+    *copy = multiplier;
+    zhashx_update ((zhashx_t *)arg, name, copy);
+}
+
+static void
+s_pricing_free (void **item_p)
+{
+    free (*item_p);
+    *item_p = NULL;
+}
+
+int
+gw_store_pricing (gw_store_t *self, zhashx_t **prices_p, zhashx_t **groups_p)
+{
+    assert (self);
+    zhashx_t *prices = zhashx_new ();
+    zhashx_t *groups = zhashx_new ();
+    assert (prices && groups);
+    zhashx_set_destructor (prices, s_pricing_free);
+    zhashx_set_destructor (groups, s_pricing_free);
+    int rc = gw_store_price_each (self, s_pricing_price, prices);
+    if (rc >= 0)
+        rc = gw_store_group_each (self, s_pricing_group, groups);
+    if (rc < 0) {
+        zhashx_destroy (&prices);
+        zhashx_destroy (&groups);
+        *prices_p = *groups_p = NULL;
+        return rc;
+    }
+    *prices_p = prices;
+    *groups_p = groups;
+    return 0;
+}
+
 void
 gw_store_remove (const char *path)
 {
@@ -1832,6 +1880,16 @@ s_test_backend (const char *url, bool verbose)
     names = zlistx_new ();
     assert (gw_store_price_each (store, s_price_collect, names) == 2);
     zlistx_destroy (&names);
+    //  Both tables at once, as billing and ratelimit read them.
+    zhashx_t *prices = NULL, *groups = NULL;
+    assert (gw_store_pricing (store, &prices, &groups) == 0);
+    assert (zhashx_size (prices) == 2 && zhashx_size (groups) == 2);
+    const gw_price_t *mini = (const gw_price_t *)zhashx_lookup (prices, "mini");
+    assert (mini && mini->input == 150000 && mini->output == 600000);
+    const int64_t *team = (const int64_t *)zhashx_lookup (groups, "team");
+    assert (team && *team == 800);
+    zhashx_destroy (&prices);
+    zhashx_destroy (&groups);
     //  A bad row (out of range, written behind the store's back) is an error.
     s_param_t huge[] = {P_TEXT ("huge"), P_INT (GW_STORE_PRICE_MAX + 1)};
     assert (s_exec (store, "INSERT INTO model_prices VALUES ($1, $2, 0, 0, 0)", huge,
@@ -1840,6 +1898,8 @@ s_test_backend (const char *url, bool verbose)
     if (verbose)
         printf ("\n    %s", gw_store_error (store));
     assert (strstr (gw_store_error (store), "out of range"));
+    assert (gw_store_pricing (store, &prices, &groups) == GW_STORE_FAILED);
+    assert (!prices && !groups);
     names = zlistx_new ();
     assert (gw_store_price_each (store, s_price_collect, names) == GW_STORE_FAILED);
     zlistx_destroy (&names);

@@ -156,6 +156,13 @@ int gw_store_group_get (gw_store_t *self, const char *name, int64_t *multiplier_
 typedef void (gw_store_group_fn) (const char *name, int64_t multiplier_milli, void *arg);
 int gw_store_group_each (gw_store_t *self, gw_store_group_fn *fn, void *arg);
 
+//  Read every model price and every group multiplier, as billing prices and
+//  ratelimit holds: on success *prices_p is a new table model -> gw_price_t
+//  and *groups_p group -> int64_t thousandths (both own their values; the
+//  caller destroys them) and 0 is returned; on failure both are NULL and
+//  the error code (GW_STORE_FAILED or GW_STORE_UNAVAILABLE) is returned.
+int gw_store_pricing (gw_store_t *self, zhashx_t **prices_p, zhashx_t **groups_p);
+
 //  Users: set creates the user (balance 0) or changes its group; get
 //  returns 0 or 1 (no such user), group copied into group (group_size
 //  bytes, may be NULL), balance into *balance (may be NULL); credit adds

@@ -122,36 +122,14 @@ gw_billing_multiplier (gw_billing_t *self)
     return self->multiplier;
 }
 
-static void
-s_price_loaded (const char *model, const gw_price_t *price, void *arg)
-{
-    gw_price_t *copy = (gw_price_t *)malloc (sizeof (gw_price_t));
-    assert (copy);
-    *copy = *price;
-    zhashx_update ((zhashx_t *)arg, model, copy);
-}
-
-static void
-s_group_loaded (const char *name, int64_t multiplier, void *arg)
-{
-    int64_t *copy = (int64_t *)malloc (sizeof (int64_t));
-    assert (copy);
-    *copy = multiplier;
-    zhashx_update ((zhashx_t *)arg, name, copy);
-}
-
 int
 gw_billing_refresh (gw_billing_t *self)
 {
     assert (self);
-    zhashx_t *prices = s_table_new ();
-    zhashx_t *groups = s_table_new ();
-    if (gw_store_price_each (self->store, s_price_loaded, prices) < 0 ||
-        gw_store_group_each (self->store, s_group_loaded, groups) < 0) {
+    zhashx_t *prices, *groups;
+    if (gw_store_pricing (self->store, &prices, &groups)) {
         gw_warn ("billing: cannot reload prices and groups (keeping the last ones): %s",
             gw_store_error (self->store));
-        zhashx_destroy (&prices);
-        zhashx_destroy (&groups);
         return -1;
     }
     zhashx_destroy (&self->prices);

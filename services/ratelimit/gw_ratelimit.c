@@ -856,25 +856,7 @@ s_balance (gw_ratelimit_t *self, const char *user, const char *scope)
 }
 
 //  --------------------------------------------------------------------------
-//  Group multipliers (docs/LIMITS.md "Estimate")
-
-static void
-s_group_loaded (const char *name, int64_t multiplier, void *arg)
-{
-    int64_t *copy = (int64_t *)malloc (sizeof (int64_t));
-    assert (copy);
-    *copy = multiplier;
-    zhashx_update ((zhashx_t *)arg, name, copy);
-}
-
-static void
-s_price_loaded (const char *model, const gw_price_t *price, void *arg)
-{
-    gw_price_t *copy = (gw_price_t *)malloc (sizeof (gw_price_t));
-    assert (copy);
-    *copy = *price;
-    zhashx_update ((zhashx_t *)arg, model, copy);
-}
+//  Prices and group multipliers from the store (docs/LIMITS.md "Estimate")
 
 //  Re-read the multiplier of every group and every model's price (two
 //  small queries) when the last read is groups_refresh_ms old, as billing
@@ -889,17 +871,10 @@ s_groups_refresh (gw_ratelimit_t *self)
     gw_store_t *store = s_store (self);
     if (!store)
         return;
-    zhashx_t *groups = zhashx_new ();
-    zhashx_t *prices = zhashx_new ();
-    assert (groups && prices);
-    zhashx_set_destructor (groups, (zhashx_destructor_fn *)zstr_free);
-    zhashx_set_destructor (prices, (zhashx_destructor_fn *)zstr_free);
-    if (gw_store_group_each (store, s_group_loaded, groups) < 0 ||
-        gw_store_price_each (store, s_price_loaded, prices) < 0) {
+    zhashx_t *prices, *groups;
+    if (gw_store_pricing (store, &prices, &groups)) {
         char why[256];
         snprintf (why, sizeof (why), "%s", gw_store_error (store));
-        zhashx_destroy (&groups);
-        zhashx_destroy (&prices);
         s_store_outage (self, why);
         return;
     }
