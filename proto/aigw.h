@@ -30,5 +30,6 @@
 #include "gw_link.h"
 #include "gw_worker.h"
 #include "gw_client.h"
+#include "gw_stage.h"
 
 #endif

@@ -227,6 +227,17 @@ gw_actor_configure_int (zactor_t *actor, const char *key, int64_t value)
     return gw_actor_configure (actor, key, text);
 }
 
+int
+gw_actor_configure_session (zactor_t *actor)
+{
+    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
+    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
+    if (!heartbeat || !expiry)
+        return 0;
+    return gw_actor_configure_int (actor, "heartbeat", heartbeat) |
+        gw_actor_configure_int (actor, "expiry", expiry);
+}
+
 zactor_t *
 gw_actor_connect (zactor_t *actor, const char *bus, const char *stage)
 {

@@ -74,6 +74,11 @@ char *gw_testdata_path (const char *relative);
 int gw_actor_configure (zactor_t *actor, const char *key, const char *value);
 int gw_actor_configure_int (zactor_t *actor, const char *key, int64_t value);
 
+//  CONFIGURE heartbeat and expiry of a stage actor's bus session from
+//  AIGW_HEARTBEAT_MS and AIGW_EXPIRY_MS (both set, or neither is used).
+//  Returns 0 or -1 as gw_actor_configure.
+int gw_actor_configure_session (zactor_t *actor);
+
 //  Send a stage actor "CONNECT" bus and wait for its answer. On success
 //  logs "<stage>: serving on <bus>" (launchers and tests wait for that
 //  line) and returns the actor; on failure logs why, destroys the actor and

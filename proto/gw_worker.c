@@ -682,6 +682,27 @@ gw_worker_error (gw_worker_t *self, const uint8_t rid[16], uint16_t status,
     return gw_worker_final (self, rid, status, NULL, &body);
 }
 
+//  Move envelope past the stage at its cursor: cursor + 1, and that
+//  stage's timing (named as the slip names it: co-located stages share a
+//  session, PROTOCOL.md §2) from req's start to now. Returns the encoded
+//  envelope, or NULL (cursor restored) if it grew past GW_ENVELOPE_MAX.
+static zframe_t *
+s_advance (gw_worker_t *self, s_request_t *req, gw_envelope_t *envelope)
+{
+    size_t cursor = gw_envelope_cursor (envelope);
+    const char *stage = gw_envelope_slip (envelope, cursor);
+    gw_envelope_set_cursor (envelope, cursor + 1);
+    gw_envelope_timing_add (envelope, stage ? stage : self->service,
+        (uint64_t)req->t_in_us, (uint64_t)gw_time_us ());
+    zframe_t *encoded = gw_envelope_encode (envelope);
+    if (!encoded || zframe_size (encoded) > GW_ENVELOPE_MAX) {
+        zframe_destroy (&encoded);
+        gw_envelope_set_cursor (envelope, cursor);
+        return NULL;
+    }
+    return encoded;
+}
+
 int
 gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope)
 {
@@ -693,16 +714,9 @@ gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope
     const char *next = gw_envelope_next (envelope);
     if (!req || !next || gw_msg_set_service (self->out, next))
         return -1;
-    size_t cursor = gw_envelope_cursor (envelope);
-    gw_envelope_set_cursor (envelope, cursor + 1);
-    gw_envelope_timing_add (
-        envelope, self->service, (uint64_t)req->t_in_us, (uint64_t)gw_time_us ());
-    zframe_t *encoded = gw_envelope_encode (envelope);
-    if (!encoded || zframe_size (encoded) > GW_ENVELOPE_MAX) {
-        zframe_destroy (&encoded);
-        gw_envelope_set_cursor (envelope, cursor);
+    zframe_t *encoded = s_advance (self, req, envelope);
+    if (!encoded)
         return -1;
-    }
     gw_msg_set_id (self->out, GW_MSG_FORWARD);
     gw_msg_set_rid (self->out, rid);
     gw_msg_set_deadline (self->out, gw_msg_deadline (request));
@@ -720,6 +734,25 @@ gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope
         gw_warn ("worker %s: FORWARD to %s could not be sent", self->service,
             gw_msg_service (self->out));
     return rc;
+}
+
+int
+gw_worker_pass (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope)
+{
+    assert (self);
+    assert (request);
+    assert (envelope);
+    s_request_t *req =
+        (s_request_t *)zhashx_lookup (self->requests, gw_msg_rid (request));
+    const char *next = gw_envelope_next (envelope);
+    if (!req || !next || gw_msg_set_service (request, next))
+        return -1;
+    zframe_t *encoded = s_advance (self, req, envelope);
+    if (!encoded)
+        return -1;
+    gw_msg_set_envelope (request, &encoded);
+    req->t_in_us = gw_time_us ();  //  the next stage's timing starts now
+    return 0;
 }
 
 uint32_t

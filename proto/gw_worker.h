@@ -112,12 +112,22 @@ int gw_worker_error (gw_worker_t *self, const uint8_t rid[16], uint16_t status,
     const char *type, const char *code, const char *message);
 
 //  FORWARD a request to the next service of its slip: advances the cursor of
-//  envelope, appends this stage's timing (service, µs at REQUEST receipt,
-//  µs now), encodes it, sends FORWARD with the request's rid, deadline,
+//  envelope, appends this stage's timing (the slip's service at the cursor,
+//  µs at REQUEST receipt or at the gw_worker_pass that brought it, µs now), encodes it, sends FORWARD with the request's rid, deadline,
 //  window, flags and body (shared, not copied), and forgets the request.
 //  The caller keeps ownership of request and envelope. Returns 0, or -1 if
 //  the slip has no next service or the rid is unknown.
 int gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope);
+
+//  Co-location (DESIGN.md §8): hand a request in flight to the next stage
+//  of its slip that runs in this same thread, instead of FORWARDing it
+//  through the broker. Advances the cursor and appends this stage's timing
+//  like gw_worker_forward, writes the envelope (encoded) and the next
+//  service into request, and keeps the request: the next stage answers or
+//  forwards it on this session. Returns 0, or -1 if the slip has no next
+//  service, the rid is unknown or the envelope outgrew GW_ENVELOPE_MAX
+//  (nothing changed then).
+int gw_worker_pass (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope);
 
 //  PARTIALs the request may send now (UINT32_MAX when unlimited), 0 for an
 //  unknown rid.

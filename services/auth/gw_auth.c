@@ -858,139 +858,100 @@ done:
 }
 
 //  --------------------------------------------------------------------------
-//  Actor
+//  The stage (run by gw_stage_actor, alone or co-located)
 
 typedef struct {
-    zsock_t *pipe;  //  actor pipe
     gw_auth_t *auth;  //  key store, owned
-    gw_worker_t *worker;  //  session for "auth", NULL before CONNECT
     gw_envelope_t *envelope;  //  reused for every request
-    uint32_t capacity;  //  READY capacity
     bool verbose;  //  log decisions
-    bool terminated;  //  $TERM received
-} s_actor_t;
+} s_stage_t;
 
 static void
-s_handle (s_actor_t *self, gw_msg_t *request)
+s_request (void *state, gw_stage_t *stage, gw_msg_t *request)
 {
+    s_stage_t *self = (s_stage_t *)state;
+    gw_worker_t *session = gw_stage_session (stage);
     const uint8_t *rid = gw_msg_rid (request);
     zframe_t *frame = gw_msg_envelope (request);
     if (!frame ||
         gw_envelope_decode (self->envelope, zframe_data (frame), zframe_size (frame))) {
-        gw_worker_error (self->worker, rid, 400, "invalid_request_error",
-            "invalid_envelope", "The request envelope could not be decoded.");
+        gw_worker_error (session, rid, 400, "invalid_request_error", "invalid_envelope",
+            "The request envelope could not be decoded.");
         return;
     }
     gw_auth_refusal_t refusal;
     if (gw_auth_check (self->auth, self->envelope, &refusal) != GW_OK) {
         if (self->verbose)
             gw_debug ("auth: refused %u %s", refusal.status, refusal.code);
-        gw_worker_error (self->worker, rid, refusal.status, refusal.type, refusal.code,
-            refusal.message);
+        gw_worker_error (
+            session, rid, refusal.status, refusal.type, refusal.code, refusal.message);
         return;
     }
-    if (gw_worker_forward (self->worker, request, self->envelope) &&
-        !gw_worker_cancelled (self->worker, rid))
-        gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
+    if (gw_stage_forward (stage, request, self->envelope) &&
+        !gw_worker_cancelled (session, rid))
+        gw_worker_error (session, rid, 500, "server_error", "routing_failed",
             "The gateway could not forward this request.");
 }
 
-static void
-s_on_pipe (s_actor_t *self)
+static int
+s_command (void *state, const char *command, const char *key, const char *value)
 {
-    zmsg_t *msg = zmsg_recv (self->pipe);
-    if (!msg) {
-        self->terminated = true;
-        return;
-    }
-    char *command = zmsg_popstr (msg);
-    if (!command || streq (command, "$TERM"))
-        self->terminated = true;
-    else if (streq (command, "VERBOSE"))
+    s_stage_t *self = (s_stage_t *)state;
+    if (streq (command, "VERBOSE"))
         self->verbose = true;
     else if (streq (command, "RELOAD"))
-        zsock_signal (self->pipe, gw_auth_refresh (self->auth, true, 0) < 0 ? 1 : 0);
-    else if (streq (command, "CONNECT")) {
-        char *endpoint = zmsg_popstr (msg);
-        if (!self->worker && endpoint)
-            self->worker =
-                gw_worker_new (endpoint, "auth", self->capacity, GW_READY_IDEMPOTENT);
-        zsock_signal (self->pipe, self->worker ? 0 : 1);
-        zstr_free (&endpoint);
+        return gw_auth_refresh (self->auth, true, 0) < 0 ? 1 : 0;
+    return -1;
+}
+
+static void
+s_tick (void *state)
+{
+    gw_auth_refresh (((s_stage_t *)state)->auth, false, CHECK_MS);
+}
+
+static void
+s_stage_destroy (void **state_p)
+{
+    s_stage_t *self = (s_stage_t *)*state_p;
+    if (self) {
+        gw_envelope_destroy (&self->envelope);
+        gw_auth_destroy (&self->auth);
+        free (self);
+        *state_p = NULL;
     }
-    else if (streq (command, "CONFIGURE")) {
-        char *key = zmsg_popstr (msg);
-        char *value = zmsg_popstr (msg);
-        long number = value ? atol (value) : 0;
-        int rc = 1;
-        if (key && streq (key, "capacity") && number >= 1 && number <= 65535) {
-            self->capacity = (uint32_t)number;
-            rc = 0;
-        }
-        zsock_signal (self->pipe, (byte)rc);
-        zstr_free (&key);
-        zstr_free (&value);
-    }
-    else
-        gw_warn ("auth: unknown command %s", command);
-    zstr_free (&command);
-    zmsg_destroy (&msg);
+}
+
+static const gw_stage_class_t s_class = {
+    "auth", GW_READY_IDEMPOTENT, s_request, s_command, s_tick, s_stage_destroy};
+
+void
+gw_auth_stage (gw_auth_t *auth, gw_stage_host_t *host)
+{
+    assert (auth);
+    assert (host);
+    s_stage_t *self = (s_stage_t *)zmalloc (sizeof (s_stage_t));
+    assert (self);
+    self->auth = auth;
+    self->envelope = gw_envelope_new ();
+    gw_stage_host_add (host, &s_class, self);
 }
 
 void
 gw_auth_actor (zsock_t *pipe, void *args)
 {
-    gw_thread_name ("aigw-auth");
     assert (args);
-    s_actor_t self = {0};
-    self.pipe = pipe;
-    self.auth = (gw_auth_t *)args;
-    self.envelope = gw_envelope_new ();
-    self.capacity = 1024;
-    zsock_signal (pipe, 0);
-    while (!self.terminated) {
-        zmq_pollitem_t items[2];
-        int count = 0;
-        items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
-        if (self.worker)
-            items[count++] = (zmq_pollitem_t){
-                zsock_resolve (gw_worker_socket (self.worker)), 0, ZMQ_POLLIN, 0};
-        long timeout = self.worker ? gw_worker_timeout (self.worker) : CHECK_MS;
-        if (timeout > CHECK_MS)
-            timeout = CHECK_MS;
-        if (zmq_poll (items, count, timeout) < 0) {
-            if (zmq_errno () == EINTR)
-                continue;  //  a signal: the main decides what it means
-            break;  //  the context is going away
-        }
-        if (items[0].revents & ZMQ_POLLIN)
-            s_on_pipe (&self);
-        if (self.terminated)
-            break;
-        gw_auth_refresh (self.auth, false, CHECK_MS);
-        if (self.worker) {
-            gw_msg_t *msg;
-            while ((msg = gw_worker_recv (self.worker))) {
-                if (gw_msg_id (msg) == GW_MSG_REQUEST)
-                    s_handle (&self, msg);
-                else if (gw_msg_id (msg) == GW_MSG_CANCEL)
-                    gw_worker_final (self.worker, gw_msg_rid (msg), 499, NULL, NULL);
-                gw_msg_destroy (&msg);
-            }
-            gw_worker_tick (self.worker);
-        }
-    }
-    gw_worker_destroy (&self.worker);
-    gw_envelope_destroy (&self.envelope);
-    gw_auth_destroy (&self.auth);
+    gw_stage_host_t *host = gw_stage_host_new ();
+    gw_auth_stage ((gw_auth_t *)args, host);
+    gw_stage_actor (pipe, host);
 }
 
 //  --------------------------------------------------------------------------
 //  Start the auth stage configured from the environment (aigw-auth's
 //  variables) and connect it to bus. NULL after logging why.
 
-zactor_t *
-gw_auth_launch (const char *bus)
+gw_auth_t *
+gw_auth_new_env (void)
 {
     gw_auth_t *auth = gw_auth_new ();
     int listed = gw_auth_add_keys (auth, gw_env ("GATEWAY_API_KEYS", NULL));
@@ -1030,7 +991,15 @@ gw_auth_launch (const char *bus)
     gw_auth_set_open (auth, open);
     gw_info ("auth: %zu key(s) loaded (%d from GATEWAY_API_KEYS)", gw_auth_size (auth),
         listed);
+    return auth;
+}
 
+zactor_t *
+gw_auth_launch (const char *bus)
+{
+    gw_auth_t *auth = gw_auth_new_env ();
+    if (!auth)
+        return NULL;
     zactor_t *actor = zactor_new (gw_auth_actor, auth);  //  takes auth
     assert (actor);
     gw_actor_configure_int (

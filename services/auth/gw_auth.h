@@ -41,6 +41,7 @@
 
 typedef struct _gw_auth_t gw_auth_t;
 typedef struct _gw_envelope_t gw_envelope_t;
+typedef struct _gw_stage_host_t gw_stage_host_t;
 
 //  What to answer when a request is refused.
 typedef struct {
@@ -104,12 +105,21 @@ int gw_auth_check (gw_auth_t *self, gw_envelope_t *envelope, gw_auth_refusal_t *
 //  The auth actor; args is a gw_auth_t * handed over (required).
 void gw_auth_actor (zsock_t *pipe, void *args);
 
+//  Add the auth stage over auth (taken) to a gw_stage host: how
+//  gw_auth_actor runs it, and how aigw-gateway co-locates it with other
+//  stages in one thread.
+void gw_auth_stage (gw_auth_t *auth, gw_stage_host_t *host);
+
 //  Start the auth stage configured from the environment (GATEWAY_API_KEYS,
 //  AIGW_KEYS_FILE, AIGW_AUTH_OPEN, AIGW_AUTH_STORE, DATABASE_URL,
 //  AIGW_AUTH_CACHE_MS, AIGW_AUTH_CAPACITY) and connect it to bus. Returns
 //  the actor (it accepts RELOAD: re-read the keys file), or NULL after
 //  logging why. Used by aigw-auth and by the co-located aigw-gateway.
 zactor_t *gw_auth_launch (const char *bus);
+
+//  The key store configured from the same environment, without an actor
+//  (for gw_auth_stage); NULL after logging why.
+gw_auth_t *gw_auth_new_env (void);
 
 //  Self test of this class.
 void gw_auth_test (bool verbose);

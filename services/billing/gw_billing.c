@@ -1113,12 +1113,7 @@ gw_billing_launch (const char *bus, const char *url)
         actor, "batch_max", gw_env_int ("AIGW_BILLING_BATCH_MAX", 256, 1, 4096));
     rc |= gw_actor_configure_int (
         actor, "batch_wait_ms", gw_env_int ("AIGW_BILLING_BATCH_WAIT_MS", 2, 0, 1000));
-    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
-    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
-    if (heartbeat && expiry) {
-        rc |= gw_actor_configure_int (actor, "heartbeat", heartbeat);
-        rc |= gw_actor_configure_int (actor, "expiry", expiry);
-    }
+    rc |= gw_actor_configure_session (actor);
     if (rc) {
         gw_error (
             "billing: bad configuration (AIGW_BILLING_SETTLE must be a service name)");

@@ -2059,12 +2059,7 @@ gw_bridge_launch (const char *bus, bool verbose)
         bridge, "breaker_failures", gw_env_int ("AIGW_BREAKER_FAILURES", 3, 1, 1000000));
     rc |= gw_actor_configure_int (bridge, "breaker_cooldown_ms",
         gw_env_int ("AIGW_BREAKER_COOLDOWN_MS", 30000, 1, 86400000));
-    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
-    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
-    if (heartbeat && expiry) {
-        rc |= gw_actor_configure_int (bridge, "heartbeat", heartbeat);
-        rc |= gw_actor_configure_int (bridge, "expiry", expiry);
-    }
+    rc |= gw_actor_configure_session (bridge);
     rc |=
         gw_actor_configure_int (bridge, "billing", gw_env_int ("AIGW_BILLING", 1, 0, 1));
     rc |= gw_actor_configure_int (

@@ -13,8 +13,13 @@
 //  cannot be restarted or scaled alone (run extra aigw-<stage> processes for
 //  that). Separate processes (deploy/aigw.procs) stay the default.
 //
+//  auth and ratelimit run as one actor (gw_stage: one thread, a direct call
+//  from auth to ratelimit instead of a trip through the broker; each still
+//  its own service on the bus) unless AIGW_FUSE=0.
+//
 //  Environment: AIGW_STAGES (comma-separated, default
 //  edge,auth,ratelimit,router,bridge,billing: which stages run inside),
+//  AIGW_FUSE (default 1),
 //  AIGW_BUS, AIGW_TAP, the broker's AIGW_HEARTBEAT_MS, AIGW_EXPIRY_MS,
 //  AIGW_GRACE_MS, AIGW_QUEUE_MAX, AIGW_BODY_MAX (aigw-broker's options), and
 //  every variable of the stages it runs.
@@ -59,6 +64,31 @@ s_launch (const char *stage)
     if (streq (stage, "bridge"))
         return gw_bridge_launch (INPROC_BUS, false);
     return gw_billing_launch (INPROC_BUS, gw_env ("DATABASE_URL", "var/aigw.db"));
+}
+
+//  auth and ratelimit as one actor (gw_stage): one thread, and a request
+//  that auth passes goes to ratelimit by a direct call instead of a trip
+//  through the broker; both stay services of their own on the bus.
+static zactor_t *
+s_launch_admission (void)
+{
+    gw_auth_t *auth = gw_auth_new_env ();
+    if (!auth)
+        return NULL;
+    gw_ratelimit_t *ratelimit = gw_ratelimit_new_env ();
+    if (!ratelimit) {
+        gw_auth_destroy (&auth);
+        return NULL;
+    }
+    gw_stage_host_t *host = gw_stage_host_new ();
+    gw_auth_stage (auth, host);
+    gw_ratelimit_stage (ratelimit, host);
+    zactor_t *actor = zactor_new (gw_stage_actor, host);  //  takes the host
+    assert (actor);
+    gw_actor_configure_int (
+        actor, "capacity", gw_env_int ("AIGW_AUTH_CAPACITY", 1024, 1, 65535));
+    gw_actor_configure_session (actor);
+    return gw_actor_connect (actor, INPROC_BUS, "auth+ratelimit");
 }
 
 //  Bind the broker to endpoint; 0 or -1 after logging.
@@ -124,9 +154,17 @@ main (int argc, char *argv[])
         s_bind (broker, "BIND", gw_env ("AIGW_BUS", "tcp://127.0.0.1:5555")) ||
         s_bind (broker, "TAP", gw_env ("AIGW_TAP", "tcp://127.0.0.1:5556")))
         goto done;
-    for (size_t i = 0; i < STAGES; i++)
-        if (s_listed (list, s_stages[i]) && !(actors[i] = s_launch (s_stages[i])))
+    //  auth and ratelimit share a thread unless AIGW_FUSE=0.
+    bool fuse = s_listed (list, "auth") && s_listed (list, "ratelimit") &&
+        !streq (gw_env ("AIGW_FUSE", "1"), "0");
+    for (size_t i = 0; i < STAGES; i++) {
+        if (!s_listed (list, s_stages[i]) || (fuse && streq (s_stages[i], "ratelimit")))
+            continue;
+        actors[i] = fuse && streq (s_stages[i], "auth") ? s_launch_admission ()
+                                                        : s_launch (s_stages[i]);
+        if (!actors[i])
             goto done;
+    }
     if (s_listed (list, "edge")) {
         edge = gw_edge_new ();
         if (gw_edge_set (edge, "AIGW_BUS", INPROC_BUS) || gw_edge_start (edge))
@@ -134,7 +172,7 @@ main (int argc, char *argv[])
     }
     gw_info ("gateway: %s in one process; bus %s", list,
         gw_env ("AIGW_BUS", "tcp://127.0.0.1:5555"));
-    gw_signals_wait (actors, 2);  //  SIGHUP: RELOAD to auth and ratelimit
+    gw_signals_wait (actors, 2);  //  SIGHUP: RELOAD to auth and ratelimit (or both)
     gw_info ("gateway: stopping");
     status = 0;
 done:

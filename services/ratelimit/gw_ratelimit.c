@@ -1402,15 +1402,12 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
 //  --------------------------------------------------------------------------
 //  Actor
 
+//  The stage as gw_stage_actor runs it, alone or co-located.
 typedef struct {
-    zsock_t *pipe;  //  actor pipe
     gw_ratelimit_t *stage;  //  owned
-    gw_worker_t *worker;  //  session for "ratelimit", NULL before CONNECT
     gw_envelope_t *envelope;  //  reused for every request
-    uint32_t capacity;  //  READY capacity
-    int heartbeat;  //  bus session heartbeat (ms), 0 = default
-    int expiry;  //  bus session expiry (ms), 0 = default
-    bool terminated;  //  $TERM received
+    gw_stage_t *current;  //  the request being handled: its context
+    gw_worker_t *worker;  //  and the session holding it (gw_stage_session)
 } s_actor_t;
 
 //  FINAL with the envelope (ann.retry_after, ann.headers) and an OpenAI error.
@@ -1602,120 +1599,84 @@ s_handle (s_actor_t *self, gw_msg_t *request)
         s_final_error (self, rid, &refusal);
         return;
     }
-    if (gw_worker_forward (self->worker, request, self->envelope) &&
+    if (gw_stage_forward (self->current, request, self->envelope) &&
         !gw_worker_cancelled (self->worker, rid))
         gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
             "The gateway could not forward this request.");
 }
 
 static void
-s_on_pipe (s_actor_t *self)
+s_request (void *state, gw_stage_t *stage, gw_msg_t *request)
 {
-    zmsg_t *msg = zmsg_recv (self->pipe);
-    if (!msg) {
-        self->terminated = true;
-        return;
-    }
-    char *command = zmsg_popstr (msg);
-    if (!command || streq (command, "$TERM"))
-        self->terminated = true;
-    else if (streq (command, "VERBOSE"))
+    s_actor_t *self = (s_actor_t *)state;
+    gw_stage_t *outer = self->current;  //  a hand-off may come back here
+    gw_worker_t *outer_worker = self->worker;
+    self->current = stage;
+    self->worker = gw_stage_session (stage);
+    s_handle (self, request);
+    self->current = outer;
+    self->worker = outer_worker;
+}
+
+static int
+s_command (void *state, const char *command, const char *key, const char *value)
+{
+    s_actor_t *self = (s_actor_t *)state;
+    if (streq (command, "VERBOSE"))
         self->stage->verbose = true;
     else if (streq (command, "RELOAD"))
-        zsock_signal (
-            self->pipe, gw_ratelimit_refresh (self->stage, true, 0) < 0 ? 1 : 0);
-    else if (streq (command, "CONNECT")) {
-        char *endpoint = zmsg_popstr (msg);
-        if (!self->worker && endpoint) {
-            self->worker = gw_worker_new (
-                endpoint, "ratelimit", self->capacity, GW_READY_IDEMPOTENT);
-            if (self->worker && self->heartbeat && self->expiry)
-                gw_worker_set_heartbeat (self->worker, self->heartbeat, self->expiry);
-        }
-        zsock_signal (self->pipe, self->worker ? 0 : 1);
-        zstr_free (&endpoint);
+        return gw_ratelimit_refresh (self->stage, true, 0) < 0 ? 1 : 0;
+    return -1;
+}
+
+static void
+s_tick (void *state)
+{
+    gw_ratelimit_refresh (((s_actor_t *)state)->stage, false, CHECK_MS);
+}
+
+static void
+s_stage_destroy (void **state_p)
+{
+    s_actor_t *self = (s_actor_t *)*state_p;
+    if (self) {
+        gw_envelope_destroy (&self->envelope);
+        gw_ratelimit_destroy (&self->stage);
+        free (self);
+        *state_p = NULL;
     }
-    else if (streq (command, "CONFIGURE")) {
-        char *key = zmsg_popstr (msg);
-        char *value = zmsg_popstr (msg);
-        long number = value ? atol (value) : 0;
-        int rc = 1;
-        if (key && streq (key, "capacity") && number >= 1 && number <= 65535) {
-            self->capacity = (uint32_t)number;
-            rc = 0;
-        }
-        else if (key && streq (key, "heartbeat") && number >= 10 && number <= 60000) {
-            self->heartbeat = (int)number;
-            rc = 0;
-        }
-        else if (key && streq (key, "expiry") && number >= 20 && number <= 600000) {
-            self->expiry = (int)number;
-            rc = 0;
-        }
-        zsock_signal (self->pipe, (byte)rc);
-        zstr_free (&key);
-        zstr_free (&value);
-    }
-    else
-        gw_warn ("ratelimit: unknown command %s", command);
-    zstr_free (&command);
-    zmsg_destroy (&msg);
+}
+
+static const gw_stage_class_t s_class = {
+    "ratelimit", GW_READY_IDEMPOTENT, s_request, s_command, s_tick, s_stage_destroy};
+
+void
+gw_ratelimit_stage (gw_ratelimit_t *stage, gw_stage_host_t *host)
+{
+    assert (stage);
+    assert (host);
+    s_actor_t *self = (s_actor_t *)zmalloc (sizeof (s_actor_t));
+    assert (self);
+    self->stage = stage;
+    self->envelope = gw_envelope_new ();
+    gw_stage_host_add (host, &s_class, self);
 }
 
 void
 gw_ratelimit_actor (zsock_t *pipe, void *args)
 {
-    gw_thread_name ("aigw-ratelimit");
     assert (args);
-    s_actor_t self = {0};
-    self.pipe = pipe;
-    self.stage = (gw_ratelimit_t *)args;
-    self.envelope = gw_envelope_new ();
-    self.capacity = 1024;
-    zsock_signal (pipe, 0);
-    while (!self.terminated) {
-        zmq_pollitem_t items[2];
-        int count = 0;
-        items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
-        if (self.worker)
-            items[count++] = (zmq_pollitem_t){
-                zsock_resolve (gw_worker_socket (self.worker)), 0, ZMQ_POLLIN, 0};
-        long timeout = self.worker ? gw_worker_timeout (self.worker) : CHECK_MS;
-        if (timeout > CHECK_MS)
-            timeout = CHECK_MS;
-        if (zmq_poll (items, count, timeout) < 0) {
-            if (zmq_errno () == EINTR)
-                continue;
-            break;
-        }
-        if (items[0].revents & ZMQ_POLLIN)
-            s_on_pipe (&self);
-        if (self.terminated)
-            break;
-        gw_ratelimit_refresh (self.stage, false, CHECK_MS);
-        if (self.worker) {
-            gw_msg_t *msg;
-            while ((msg = gw_worker_recv (self.worker))) {
-                if (gw_msg_id (msg) == GW_MSG_REQUEST)
-                    s_handle (&self, msg);
-                else if (gw_msg_id (msg) == GW_MSG_CANCEL)
-                    gw_worker_final (self.worker, gw_msg_rid (msg), 499, NULL, NULL);
-                gw_msg_destroy (&msg);
-            }
-            gw_worker_tick (self.worker);
-        }
-    }
-    gw_worker_destroy (&self.worker);
-    gw_envelope_destroy (&self.envelope);
-    gw_ratelimit_destroy (&self.stage);
+    gw_stage_host_t *host = gw_stage_host_new ();
+    gw_ratelimit_stage ((gw_ratelimit_t *)args, host);
+    gw_stage_actor (pipe, host);
 }
 
 //  --------------------------------------------------------------------------
 //  Start the ratelimit stage configured from the environment (aigw-ratelimit's
 //  variables) and connect it to bus. NULL after logging why.
 
-zactor_t *
-gw_ratelimit_launch (const char *bus)
+gw_ratelimit_t *
+gw_ratelimit_new_env (void)
 {
     gw_limiter_t *limiter = gw_limiter_new_env ();
     if (!limiter) {
@@ -1747,18 +1708,22 @@ gw_ratelimit_launch (const char *bus)
         gw_info ("ratelimit: enforcing user balances from %s every %s ms",
             gw_env ("DATABASE_URL", "var/aigw.db"),
             gw_env ("AIGW_BALANCE_REFRESH_MS", "1000"));
+    if (gw_log_enabled (GW_LOG_DEBUG))
+        stage->verbose = true;  //  every decision at debug level
+    return stage;
+}
+
+zactor_t *
+gw_ratelimit_launch (const char *bus)
+{
+    gw_ratelimit_t *stage = gw_ratelimit_new_env ();
+    if (!stage)
+        return NULL;
     zactor_t *actor = zactor_new (gw_ratelimit_actor, stage);  //  takes stage
     assert (actor);
     gw_actor_configure_int (
         actor, "capacity", gw_env_int ("AIGW_RATELIMIT_CAPACITY", 1024, 1, 65535));
-    int64_t heartbeat = gw_env_int ("AIGW_HEARTBEAT_MS", 0, 10, 60000);
-    int64_t expiry = gw_env_int ("AIGW_EXPIRY_MS", 0, 20, 600000);
-    if (heartbeat && expiry) {
-        gw_actor_configure_int (actor, "heartbeat", heartbeat);
-        gw_actor_configure_int (actor, "expiry", expiry);
-    }
-    if (gw_log_enabled (GW_LOG_DEBUG))
-        zstr_send (actor, "VERBOSE");  //  every decision at debug level
+    gw_actor_configure_session (actor);
     return gw_actor_connect (actor, bus, "ratelimit");
 }
 

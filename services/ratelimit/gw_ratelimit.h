@@ -45,6 +45,7 @@
 
 typedef struct _gw_ratelimit_t gw_ratelimit_t;
 typedef struct _gw_envelope_t gw_envelope_t;
+typedef struct _gw_stage_host_t gw_stage_host_t;
 
 //  What to answer when a request is refused.
 typedef struct {
@@ -142,11 +143,20 @@ gw_limiter_t *gw_ratelimit_limiter (gw_ratelimit_t *self);
 //  The ratelimit actor; args is a gw_ratelimit_t * handed over (required).
 void gw_ratelimit_actor (zsock_t *pipe, void *args);
 
+//  Add the ratelimit stage over stage (taken) to a gw_stage host: how
+//  gw_ratelimit_actor runs it, and how aigw-gateway co-locates it with
+//  other stages in one thread.
+void gw_ratelimit_stage (gw_ratelimit_t *stage, gw_stage_host_t *host);
+
 //  Start the ratelimit stage configured from the environment (the variables
 //  of aigw-ratelimit, docs/LIMITS.md) and connect it to bus. Returns the
 //  actor (it accepts RELOAD: re-read the limits and prices files), or NULL
 //  after logging why. Used by aigw-ratelimit and by aigw-gateway.
 zactor_t *gw_ratelimit_launch (const char *bus);
+
+//  The stage logic configured from the same environment, without an actor
+//  (for gw_ratelimit_stage); NULL after logging why.
+gw_ratelimit_t *gw_ratelimit_new_env (void);
 
 //  Self test of this class.
 void gw_ratelimit_test (bool verbose);

@@ -19,8 +19,11 @@ import json
 import signal
 import subprocess
 import time
+from typing import Dict, List
 
-from conftest import wait_for
+import pytest
+
+from conftest import BUILD, wait_for
 from gateway import KEY, STAGES, ChunkedReader, assert_openai_error, binary, channel, chat, \
     sse_events, write_json_atomic
 
@@ -110,3 +113,37 @@ def test_bad_stage_list_and_clean_stop(make_mock, make_gateway) -> None:
     assert gw.colocated_proc.popen.returncode == 0, gw.colocated_proc.output()
     assert time.monotonic() - started < 10
     assert "gateway: stopping" in gw.colocated_proc.output()
+
+
+@pytest.mark.parametrize("fuse", ["1", "0"])
+def test_auth_hands_to_ratelimit_in_its_thread(make_mock, make_gateway, procs,
+                                               fuse: str) -> None:
+    """Co-located auth and ratelimit run as one actor: a request auth passes
+    reaches ratelimit by a direct call, so the bus (aigw-tap) sees the
+    request's REQUEST for auth and then its FORWARD to the router, with no
+    FORWARD to ratelimit in between; ratelimit still decided (the
+    x-ratelimit headers). AIGW_FUSE=0 keeps the trip through the broker."""
+    mock = make_mock()
+    gw = make_gateway([channel("a", mock)], colocated=ALL,
+                      env={"RATE_LIMIT_REQUESTS_PER_MINUTE": "1000", "AIGW_FUSE": fuse})
+    tap = procs.start("aigw-tap", [str(BUILD / "aigw-tap"), "--tap", gw.broker.tap, "--json",
+                                   "--timeout-ms", "3000"])
+    topics: Dict[str, List[str]] = {}
+
+    def seen_whole_request() -> bool:
+        status, headers, _ = gw.chat(content="hello")
+        assert status == 200 and headers.get("x-ratelimit-limit-requests") == "1000"
+        topics.clear()
+        for line in list(tap.lines):
+            if line.startswith("{"):
+                doc = json.loads(line)
+                topics.setdefault(doc["rid"], []).append(doc["topic"])
+        return any(t[0] == "auth.REQUEST" and t[-1] == "bridge.FINAL"
+                   for t in topics.values())
+    wait_for(seen_whole_request, 10, "the tap to see one whole request", interval=0.1)
+    whole = [t for t in topics.values() if t[0] == "auth.REQUEST" and t[-1] == "bridge.FINAL"]
+    expected = (["auth.REQUEST", "router.FORWARD", "bridge.FORWARD", "bridge.FINAL"]
+                if fuse == "1" else
+                ["auth.REQUEST", "ratelimit.FORWARD", "router.FORWARD", "bridge.FORWARD",
+                 "bridge.FINAL"])
+    assert whole[0] == expected, whole
