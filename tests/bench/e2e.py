@@ -605,7 +605,10 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
         ratio = c64a["rps"] / c64n["rps"]
         c1a, c1d, c1n = A[("chat", 1, t)], A[("chat", 1, "direct")], A[("chat", 1, "nginx")]
         added50 = c1a["p50"] - c1d["p50"]
-        added99 = c1a["p99"] - c1d["p99"]
+        # p99 against direct's p50, not its p99: direct's own tail swings by
+        # tens of ms on a shared VM and would make the difference meaningless
+        # (even negative); this way the figure can only overstate the cost.
+        added99 = c1a["p99"] - c1d["p50"]
         ngx50 = c1n["p50"] - c1d["p50"]
         cpu = c64a["cpu"]
         s1a, s1d = A[("stream", 1, t)], A[("stream", 1, "direct")]
@@ -625,7 +628,8 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
                       f"{T_ADDED_P50_US - added50:.0f} µs to spare" if added50 < T_ADDED_P50_US
                       else f"{added50 - T_ADDED_P50_US:.0f} µs over "
                       f"({added50 / T_ADDED_P50_US:.2f}×)"),
-            f"- Added latency p99, concurrency 1 (DESIGN §8): {t} {added99:+.0f} µs; target < "
+            f"- Added latency p99, concurrency 1 (DESIGN §8; {t} p99 − direct p50): "
+            f"{added99:+.0f} µs; target < "
             f"{T_ADDED_P99_US} µs — "
             + verdict(added99 < T_ADDED_P99_US,
                       f"{T_ADDED_P99_US - added99:.0f} µs to spare" if added99 < T_ADDED_P99_US
