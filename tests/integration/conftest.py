@@ -418,3 +418,54 @@ def make_model_worker(procs: Procs, tiny_models_dir: Path) -> Callable[..., Proc
                 proc.wait_line(rf"ready service={re.escape(name)} ", timeout=15)
         return proc
     return make
+
+
+# --------------------------------------------------------------------------
+# Services from tests/harness/services.sh
+
+
+def require_env(name: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        if os.environ.get("AIGW_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"AIGW_REQUIRE_SERVICES=1 but {name} is not set "
+                        f"(run under tests/harness/services.sh)", pytrace=False)
+        pytest.skip(f"{name} not set (run under tests/harness/services.sh)")
+    return value
+
+
+class RedisControl:
+    """Stop and restart the harness's Redis on its own port."""
+
+    def __init__(self) -> None:
+        self.port = require_env("REDISTEST_PORT")
+        self.dir = require_env("REDISTEST_DIR")
+
+    def ping(self) -> bool:
+        out = subprocess.run(["redis-cli", "-p", self.port, "ping"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() == "PONG"
+
+    def stop(self) -> None:
+        subprocess.run(["redis-cli", "-p", self.port, "shutdown", "nosave"],
+                       capture_output=True, timeout=5)
+        wait_for(lambda: not self.ping(), 5, "Redis to stop")
+
+    def start(self) -> None:
+        if self.ping():
+            return
+        subprocess.run(["redis-server", "--port", self.port, "--bind", "127.0.0.1",
+                        "--daemonize", "yes", "--pidfile", f"{self.dir}/redis.pid",
+                        "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
+                        "--save", "", "--appendonly", "no"], check=True, timeout=10)
+        wait_for(self.ping, 5, "Redis to answer PING")
+
+
+@pytest.fixture
+def redis_ctl() -> Iterator[RedisControl]:
+    require_env("AIGW_TEST_REDIS_URL")
+    ctl = RedisControl()
+    try:
+        yield ctl
+    finally:
+        ctl.start()  # whatever happened, leave Redis running for the next test

@@ -16,9 +16,8 @@ import signal
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import msgpack
 import pytest
 
 from conftest import (BUILD, EXPIRY_MS, HEARTBEAT_MS, PYTHON, REPO, Broker, Proc, Procs,

@@ -15,72 +15,20 @@ tests skip, or FAIL when AIGW_REQUIRE_SERVICES=1.
 from __future__ import annotations
 
 import os
-import subprocess
 import re
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
 import gwp
-from conftest import (BUILD, EXPIRY_MS, HEARTBEAT_MS, Broker, Proc, Procs, error_code,
-                      unpack, wait_for, wait_registered)
+from conftest import (BUILD, EXPIRY_MS, HEARTBEAT_MS, Broker, Proc, Procs, RedisControl,
+                      error_code, require_env, unpack, wait_registered)
 
 RPM = 100
 INTERVAL_S = 60.0 / RPM  # one request refills every 0.6 s
-
-
-def _require_redis() -> str:
-    url = os.environ.get("AIGW_TEST_REDIS_URL", "")
-    if not url:
-        if os.environ.get("AIGW_REQUIRE_SERVICES") == "1":
-            pytest.fail("AIGW_REQUIRE_SERVICES=1 but AIGW_TEST_REDIS_URL is unset "
-                        "(run under tests/harness/services.sh)", pytrace=False)
-        pytest.skip("no Redis (run under tests/harness/services.sh)")
-    return url
-
-
-class RedisControl:
-    """Stop and restart the harness's Redis on its own port."""
-
-    def __init__(self) -> None:
-        self.port = os.environ.get("REDISTEST_PORT", "")
-        self.dir = os.environ.get("REDISTEST_DIR", "")
-        if not self.port or not self.dir:
-            if os.environ.get("AIGW_REQUIRE_SERVICES") == "1":
-                pytest.fail("REDISTEST_PORT/REDISTEST_DIR unset", pytrace=False)
-            pytest.skip("REDISTEST_PORT/REDISTEST_DIR unset: cannot stop Redis")
-
-    def ping(self) -> bool:
-        out = subprocess.run(["redis-cli", "-p", self.port, "ping"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() == "PONG"
-
-    def stop(self) -> None:
-        subprocess.run(["redis-cli", "-p", self.port, "shutdown", "nosave"],
-                       capture_output=True, timeout=5)
-        wait_for(lambda: not self.ping(), 5, "Redis to stop")
-
-    def start(self) -> None:
-        if self.ping():
-            return
-        subprocess.run(["redis-server", "--port", self.port, "--bind", "127.0.0.1",
-                        "--daemonize", "yes", "--pidfile", f"{self.dir}/redis.pid",
-                        "--dir", self.dir, "--logfile", f"{self.dir}/redis.log",
-                        "--save", "", "--appendonly", "no"], check=True, timeout=10)
-        wait_for(self.ping, 5, "Redis to answer PING")
-
-
-@pytest.fixture
-def redis_ctl() -> Iterator[RedisControl]:
-    _require_redis()
-    ctl = RedisControl()
-    try:
-        yield ctl
-    finally:
-        ctl.start()  # whatever happened, leave Redis running for the next test
 
 
 def start_ratelimit(procs: Procs, broker: Broker, redis_url: str, prefix: str,
@@ -159,7 +107,7 @@ def _rig(procs: Procs, broker: Broker, client: gwp.Client, redis_url: str, repli
 
 def test_two_replicas_on_one_redis_admit_exactly_100_of_300(
         procs: Procs, broker: Broker, client: gwp.Client) -> None:
-    url = _require_redis()
+    url = require_env("AIGW_TEST_REDIS_URL")
     # Capacity 1 makes the broker spread the burst over both replicas: it
     # gives a request to a replica with free credit, and a replica fast
     # enough to answer before the next one arrives would otherwise take
@@ -221,7 +169,7 @@ def _load_through_outage(client: gwp.Client, redis_ctl: RedisControl, key: str
 def test_redis_outage_fails_by_mode_without_hanging_and_recovers(
         procs: Procs, broker: Broker, client: gwp.Client, redis_ctl: RedisControl,
         mode: str) -> None:
-    url = _require_redis()
+    url = require_env("AIGW_TEST_REDIS_URL")
     stage = _rig(procs, broker, client, url, replicas=1,
                  RATE_LIMIT_REQUESTS_PER_MINUTE="1000000", RATE_LIMIT_BURST="1000000",
                  AIGW_RATELIMIT_FAIL=mode, AIGW_REDIS_TIMEOUT_MS="50")[0]
