@@ -3,7 +3,8 @@
 #
 #   make            build everything into build/
 #   make run        build and start the whole gateway on :8080
-#   make test       selftests (plain and ASan+UBSan), integration tests
+#   make test       selftests (plain and ASan+UBSan), fuzz smoke, Python and
+#                   integration tests
 #   make bench      benchmarks (not tests); results go to docs/PERFORMANCE.md
 #   make fuzz       every libFuzzer target for FUZZ_TIME seconds each
 #   make lint       clang-format check and cppcheck on the project's C
@@ -38,7 +39,7 @@ HEADERS    := $(foreach d,$(DIRS),$(wildcard $(d)/*.h))
 FUZZ_SRC   := $(wildcard tests/fuzz/fuzz_*.c)
 FUZZERS    := $(patsubst tests/fuzz/%.c,build-fuzz/%,$(FUZZ_SRC))
 
-.PHONY: all deps run test test-steps selftest selftest-san integration python-test models bench fuzz clean format lint
+.PHONY: all deps run test test-steps selftest selftest-san integration python-test models bench fuzz fuzz-smoke clean format lint
 .DEFAULT_GOAL := all
 
 all: $(PROGRAMS)
@@ -111,16 +112,38 @@ test: deps
 test-steps:
 	@$(MAKE) --no-print-directory selftest
 	@$(MAKE) --no-print-directory selftest-san
+	@$(MAKE) --no-print-directory fuzz-smoke
 	@$(MAKE) --no-print-directory python-test
 	@$(MAKE) --no-print-directory integration
 
 bench: deps all
 	@tests/bench/run.sh
 
-build-fuzz/%: tests/fuzz/%.c $(CLASS_SRC) $(HEADERS)
-	@mkdir -p build-fuzz
-	clang -std=gnu11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Iproto -Ibroker \
-	    $(PKG_CFLAGS) $< $(filter proto/%,$(CLASS_SRC)) -o $@ $(PKG_LIBS)
+# Fuzz targets link the bus-level classes (proto/, broker/), compiled once
+# with the fuzzer's instrumentation.
+FUZZ_CFLAGS := -std=gnu11 -g -O1 -D_GNU_SOURCE -Iproto -Ibroker $(PKG_CFLAGS)
+FUZZ_OBJ    := $(patsubst %.c,build-fuzz/obj/%.o,$(filter proto/% broker/%,$(CLASS_SRC)))
+.SECONDARY: $(FUZZ_OBJ)
+
+build-fuzz/obj/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	clang $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -c $< -o $@
+
+build-fuzz/%: tests/fuzz/%.c $(FUZZ_OBJ)
+	clang $(FUZZ_CFLAGS) -fsanitize=fuzzer,address,undefined $< $(FUZZ_OBJ) -o $@ $(PKG_LIBS)
+
+# In make test: every fuzz target builds and replays its seed corpus, then
+# runs FUZZ_SMOKE_RUNS mutated inputs (make fuzz runs them for FUZZ_TIME).
+FUZZ_SMOKE_RUNS ?= 20000
+fuzz-smoke: $(FUZZERS)
+	@set -e; for f in $(FUZZERS); do \
+	    n=$$(basename $$f); mkdir -p build-fuzz/smoke/$$n; \
+	    if ! ASAN_OPTIONS=allocator_may_return_null=1:max_allocation_size_mb=256 \
+	        $$f -runs=$(FUZZ_SMOKE_RUNS) -max_len=65536 -print_final_stats=1 -artifact_prefix=build-fuzz/ \
+	        build-fuzz/smoke/$$n tests/fuzz/seeds/$$n >build-fuzz/$$n.smoke.log 2>&1; then \
+	        tail -n 60 build-fuzz/$$n.smoke.log; echo "fuzz-smoke: $$n FAILED"; exit 1; fi; \
+	    echo "fuzz-smoke: $$n ok ($$(grep -h 'stat::number_of_executed_units' build-fuzz/$$n.smoke.log | awk '{print $$2}') inputs)"; \
+	done
 
 fuzz: deps $(FUZZERS)
 	@set -e; for f in $(FUZZERS); do \
