@@ -119,6 +119,7 @@ typedef struct {
     msgpack_sbuffer extra;  //  extra response header lines
     time_t date_at;  //  second the cached Date is for
     char date[40];  //  cached Date value
+    int client_fd;  //  socket s_client_fd last found, + 1 (0 = none)
 } s_thread_t;
 
 //  One request, on the handler's stack.
@@ -828,14 +829,43 @@ s_control (s_req_t *req, int id, uint32_t value)
     gw_msg_send (ctl, s_dealer (req->thread));
 }
 
+//  True if fd is the socket of req's connection: its peer is the
+//  request's address and port, its local port our listening port. A
+//  connected TCP socket is the only one with its address pair, so a match
+//  is exact.
+static bool
+s_client_fd_is (s_req_t *req, int fd)
+{
+    struct stat st;
+    if (fd <= 2 || fstat (fd, &st) || !S_ISSOCK (st.st_mode))
+        return false;
+    struct sockaddr_storage peer, local;
+    socklen_t peer_size = sizeof (peer), local_size = sizeof (local);
+    if (getpeername (fd, (struct sockaddr *)&peer, &peer_size) ||
+        getsockname (fd, (struct sockaddr *)&local, &local_size) ||
+        peer.ss_family != AF_INET || local.ss_family != AF_INET)
+        return false;
+    struct sockaddr_in *p4 = (struct sockaddr_in *)&peer;
+    struct sockaddr_in *l4 = (struct sockaddr_in *)&local;
+    char addr[INET_ADDRSTRLEN];
+    return ntohs (p4->sin_port) == req->ri->remote_port &&
+        ntohs (l4->sin_port) == req->ri->server_port &&
+        inet_ntop (AF_INET, &p4->sin_addr, addr, sizeof (addr)) &&
+        streq (addr, req->ri->remote_addr);
+}
+
 //  Find the client's socket. civetweb 1.15 does not expose it, so match
 //  the open sockets of this process against the request's peer address and
-//  our listening port. This costs one pass over /proc/self/fd and is done
-//  only for requests that wait longer than EDGE_PEER_CHECK_MS, never on
-//  the fast path. Returns the fd or -1.
+//  our listening port: first the socket this handler thread found last (a
+//  keep-alive connection stays on one thread), else one pass over
+//  /proc/self/fd. Done only for requests that wait longer than
+//  EDGE_PEER_CHECK_MS, never on the fast path. Returns the fd or -1.
 static int
 s_client_fd (s_req_t *req)
 {
+    s_thread_t *thread = req->thread;
+    if (thread->client_fd && s_client_fd_is (req, thread->client_fd - 1))
+        return thread->client_fd - 1;
     DIR *dir = opendir ("/proc/self/fd");
     if (!dir)
         return -1;
@@ -843,25 +873,11 @@ s_client_fd (s_req_t *req)
     struct dirent *entry;
     while (found < 0 && (entry = readdir (dir))) {
         int fd = atoi (entry->d_name);
-        struct stat st;
-        if (fd <= 2 || fd == dirfd (dir) || fstat (fd, &st) || !S_ISSOCK (st.st_mode))
-            continue;
-        struct sockaddr_storage peer, local;
-        socklen_t peer_size = sizeof (peer), local_size = sizeof (local);
-        if (getpeername (fd, (struct sockaddr *)&peer, &peer_size) ||
-            getsockname (fd, (struct sockaddr *)&local, &local_size) ||
-            peer.ss_family != AF_INET || local.ss_family != AF_INET)
-            continue;
-        struct sockaddr_in *p4 = (struct sockaddr_in *)&peer;
-        struct sockaddr_in *l4 = (struct sockaddr_in *)&local;
-        char addr[INET_ADDRSTRLEN];
-        if (ntohs (p4->sin_port) == req->ri->remote_port &&
-            ntohs (l4->sin_port) == req->ri->server_port &&
-            inet_ntop (AF_INET, &p4->sin_addr, addr, sizeof (addr)) &&
-            streq (addr, req->ri->remote_addr))
+        if (fd != dirfd (dir) && s_client_fd_is (req, fd))
             found = fd;
     }
     closedir (dir);
+    thread->client_fd = found + 1;
     return found;
 }
 

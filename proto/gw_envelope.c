@@ -4,7 +4,9 @@
 //  Design note. The envelope is small (typically < 300 bytes) and decoded
 //  once per stage visit, so the struct holds fixed arrays (no allocation per
 //  slip entry or timing); only tenant/annotation values, which may be any
-//  msgpack, are heap copies. Decoding uses the bounded reader: any bytes are
+//  msgpack, are heap copies, and those buffers are kept for the next decode
+//  into the same envelope (a stage decodes into one envelope per request,
+//  so after the first few requests a decode allocates nothing). Decoding uses the bounded reader: any bytes are
 //  safe, and on error the envelope is left empty. Unknown keys are skipped,
 //  so newer peers can add keys without breaking older ones.
 
@@ -14,13 +16,16 @@
 
 typedef struct {
     char key[ATTR_KEY_MAX + 1];  //  attribute name
-    uint8_t *value;  //  raw msgpack value, heap copy + NUL
+    size_t key_size;  //  strlen (key)
+    uint8_t *value;  //  raw msgpack value + NUL, in a heap buffer
     size_t size;  //  bytes in value
+    size_t cap;  //  bytes allocated at value
 } s_attr_t;
 
 typedef struct {
     s_attr_t items[GW_ENVELOPE_ATTRS_MAX];  //  in insertion order
     size_t count;  //  items used
+    size_t high;  //  items whose value/cap are defined (buffers kept)
 } s_attrs_t;
 
 typedef struct {
@@ -67,18 +72,25 @@ gw_envelope_new (void)
     assert (self);
     self->model = NULL;
     self->trace = NULL;
-    self->tenant.count = 0;
-    self->ann.count = 0;
+    self->tenant.count = self->tenant.high = 0;
+    self->ann.count = self->ann.high = 0;
     s_reset (self);
     return self;
 }
 
+//  Forget the items; their buffers stay for reuse.
 static void
 s_attrs_clear (s_attrs_t *attrs)
 {
-    for (size_t i = 0; i < attrs->count; i++)
-        free (attrs->items[i].value);
     attrs->count = 0;
+}
+
+static void
+s_attrs_free (s_attrs_t *attrs)
+{
+    for (size_t i = 0; i < attrs->high; i++)
+        free (attrs->items[i].value);
+    attrs->count = attrs->high = 0;
 }
 
 static void
@@ -99,45 +111,75 @@ gw_envelope_destroy (gw_envelope_t **self_p)
     assert (self_p);
     if (*self_p) {
         s_clear (*self_p);
+        s_attrs_free (&(*self_p)->tenant);
+        s_attrs_free (&(*self_p)->ann);
         free (*self_p);
         *self_p = NULL;
     }
 }
 
+//  Store key = head + value (head: a msgpack header packed by the caller,
+//  or NULL), replacing an item of the same key.
 static int
-s_attrs_set (
-    s_attrs_t *attrs, const char *key, size_t key_size, const void *value, size_t size)
+s_attrs_set (s_attrs_t *attrs, const char *key, size_t key_size, const void *head,
+    size_t head_size, const void *value, size_t size)
 {
     if (key_size == 0 || key_size > ATTR_KEY_MAX || memchr (key, 0, key_size))
         return -1;
     s_attr_t *item = NULL;
-    for (size_t i = 0; i < attrs->count; i++)
-        if (strlen (attrs->items[i].key) == key_size &&
+    for (size_t i = 0; i < attrs->count && !item; i++)
+        if (attrs->items[i].key_size == key_size &&
             memcmp (attrs->items[i].key, key, key_size) == 0)
             item = &attrs->items[i];
     if (!item) {
         if (attrs->count == GW_ENVELOPE_ATTRS_MAX)
             return -1;
-        item = &attrs->items[attrs->count++];
+        item = &attrs->items[attrs->count];
+        if (attrs->count == attrs->high) {
+            item->value = NULL;
+            item->cap = 0;
+            attrs->high++;
+        }
+        attrs->count++;
         memcpy (item->key, key, key_size);
         item->key[key_size] = 0;
-        item->value = NULL;
+        item->key_size = key_size;
     }
-    uint8_t *copy = (uint8_t *)malloc (size + 1);
-    assert (copy);
-    memcpy (copy, value, size);
-    copy[size] = 0;  //  lets s_get_str return strings in place
-    free (item->value);
-    item->value = copy;
-    item->size = size;
+    size_t need = head_size + size + 1;
+    const uint8_t *from = (const uint8_t *)value;
+    bool inside = item->value && from >= item->value && from < item->value + item->cap;
+    if (need > item->cap || inside) {
+        //  A new buffer: also when the value is read from this item's own
+        //  buffer (set from a pointer gw_envelope_ann_raw returned).
+        size_t cap = need < 64 ? 64 : need;
+        uint8_t *buffer = (uint8_t *)malloc (cap);
+        assert (buffer);
+        if (head_size)
+            memcpy (buffer, head, head_size);
+        if (size)
+            memcpy (buffer + head_size, value, size);
+        free (item->value);
+        item->value = buffer;
+        item->cap = cap;
+    }
+    else {
+        if (head_size)
+            memcpy (item->value, head, head_size);
+        if (size)
+            memcpy (item->value + head_size, value, size);
+    }
+    item->value[head_size + size] = 0;  //  lets s_get_str return strings in place
+    item->size = head_size + size;
     return 0;
 }
 
 static const s_attr_t *
 s_attrs_get (const s_attrs_t *attrs, const char *key)
 {
+    size_t key_size = strlen (key);
     for (size_t i = 0; i < attrs->count; i++)
-        if (streq (attrs->items[i].key, key))
+        if (attrs->items[i].key_size == key_size &&
+            memcmp (attrs->items[i].key, key, key_size) == 0)
             return &attrs->items[i];
     return NULL;
 }
@@ -157,7 +199,8 @@ s_attrs_decode (s_attrs_t *attrs, gw_mreader_t *reader)
         const uint8_t *start = reader->pos;
         if (gw_mreader_skip (reader, GW_ENVELOPE_DEPTH_MAX))
             return -1;
-        if (s_attrs_set (attrs, key.ptr, key.size, start, (size_t)(reader->pos - start)))
+        if (s_attrs_set (
+                attrs, key.ptr, key.size, NULL, 0, start, (size_t)(reader->pos - start)))
             return -1;
     }
     return 0;
@@ -175,6 +218,12 @@ s_strndup_valid (const char *ptr, size_t size, size_t max)
     return copy;
 }
 
+//  Key comparison against a literal: the length test first, then a
+//  fixed-size compare (the decoder tests every key against up to 11 names).
+#define s_key_is(key, literal)                                                           \
+    ((key)->size == sizeof (literal) - 1 &&                                              \
+        memcmp ((key)->ptr, literal, sizeof (literal) - 1) == 0)
+
 static int
 s_decode (gw_envelope_t *self, gw_mreader_t *reader)
 {
@@ -186,18 +235,18 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
         gw_mvalue_t key;
         if (gw_mreader_next (reader, &key) || key.type != GW_MP_STR)
             return -1;
-        if (gw_mvalue_streq (&key, "v")) {
+        if (s_key_is (&key, "v")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT ||
                 value.v.u != 1)
                 return -1;
         }
-        else if (gw_mvalue_streq (&key, "id")) {
+        else if (s_key_is (&key, "id")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_BIN ||
                 value.size != 16)
                 return -1;
             memcpy (self->rid, value.ptr, 16);
         }
-        else if (gw_mvalue_streq (&key, "slip")) {
+        else if (s_key_is (&key, "slip")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
                 value.v.count > GW_ENVELOPE_SLIP_MAX)
                 return -1;
@@ -211,23 +260,23 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
             }
             self->slip_size = count;
         }
-        else if (gw_mvalue_streq (&key, "cur")) {
+        else if (s_key_is (&key, "cur")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT ||
                 value.v.u >= GW_ENVELOPE_SLIP_MAX)
                 return -1;
             self->cursor = (size_t)value.v.u;
         }
-        else if (gw_mvalue_streq (&key, "dl")) {
+        else if (s_key_is (&key, "dl")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_UINT)
                 return -1;
             self->deadline = value.v.u;
         }
-        else if (gw_mvalue_streq (&key, "stream")) {
+        else if (s_key_is (&key, "stream")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_BOOL)
                 return -1;
             self->stream = value.v.b;
         }
-        else if (gw_mvalue_streq (&key, "model") || gw_mvalue_streq (&key, "trace")) {
+        else if (s_key_is (&key, "model") || s_key_is (&key, "trace")) {
             bool is_model = key.size == 5 && key.ptr[0] == 'm';
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_STR)
                 return -1;
@@ -238,15 +287,15 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
             free (*field);
             *field = text;
         }
-        else if (gw_mvalue_streq (&key, "tenant")) {
+        else if (s_key_is (&key, "tenant")) {
             if (s_attrs_decode (&self->tenant, reader))
                 return -1;
         }
-        else if (gw_mvalue_streq (&key, "ann")) {
+        else if (s_key_is (&key, "ann")) {
             if (s_attrs_decode (&self->ann, reader))
                 return -1;
         }
-        else if (gw_mvalue_streq (&key, "t")) {
+        else if (s_key_is (&key, "t")) {
             if (gw_mreader_next (reader, &value) || value.type != GW_MP_ARRAY ||
                 value.v.count > GW_ENVELOPE_TIMINGS_MAX)
                 return -1;
@@ -477,31 +526,64 @@ gw_envelope_set_trace (gw_envelope_t *self, const char *trace)
     self->trace = trace ? strdup (trace) : NULL;
 }
 
-//  Pack one string or integer into a small buffer and store it.
+//  Store one string: its msgpack header (as msgpack_pack_str writes it)
+//  and its bytes, without an intermediate buffer.
 static int
 s_set_str (s_attrs_t *attrs, const char *key, const char *value)
 {
-    msgpack_sbuffer buffer;
-    msgpack_sbuffer_init (&buffer);
-    msgpack_packer pk;
-    msgpack_packer_init (&pk, &buffer, msgpack_sbuffer_write);
-    gw_mpack_str (&pk, value ? value : "");
-    int rc = s_attrs_set (attrs, key, strlen (key), buffer.data, buffer.size);
-    msgpack_sbuffer_destroy (&buffer);
-    return rc;
+    if (!value)
+        value = "";
+    size_t size = strlen (value);
+    uint8_t head[5];
+    size_t head_size;
+    if (size < 32) {
+        head[0] = (uint8_t)(0xa0 | size);
+        head_size = 1;
+    }
+    else if (size < 256) {
+        head[0] = 0xd9;
+        head[1] = (uint8_t)size;
+        head_size = 2;
+    }
+    else if (size < 65536) {
+        head[0] = 0xda;
+        head[1] = (uint8_t)(size >> 8);
+        head[2] = (uint8_t)size;
+        head_size = 3;
+    }
+    else {
+        head[0] = 0xdb;
+        for (int i = 0; i < 4; i++)
+            head[1 + i] = (uint8_t)(size >> (24 - 8 * i));
+        head_size = 5;
+    }
+    return s_attrs_set (attrs, key, strlen (key), head, head_size, value, size);
+}
+
+typedef struct {
+    uint8_t data[16];
+    size_t size;
+} s_small_t;
+
+static int
+s_small_write (void *data, const char *buf, size_t len)
+{
+    s_small_t *small = (s_small_t *)data;
+    if (len > sizeof (small->data) - small->size)
+        return -1;
+    memcpy (small->data + small->size, buf, len);
+    small->size += len;
+    return 0;
 }
 
 static int
 s_set_int (s_attrs_t *attrs, const char *key, int64_t value)
 {
-    msgpack_sbuffer buffer;
-    msgpack_sbuffer_init (&buffer);
+    s_small_t small = {{0}, 0};
     msgpack_packer pk;
-    msgpack_packer_init (&pk, &buffer, msgpack_sbuffer_write);
+    msgpack_packer_init (&pk, &small, s_small_write);
     msgpack_pack_int64 (&pk, value);
-    int rc = s_attrs_set (attrs, key, strlen (key), buffer.data, buffer.size);
-    msgpack_sbuffer_destroy (&buffer);
-    return rc;
+    return s_attrs_set (attrs, key, strlen (key), NULL, 0, small.data, small.size);
 }
 
 //  A STR value's bytes are the last bytes of its msgpack encoding, and every
@@ -582,7 +664,7 @@ gw_envelope_set_ann_raw (
 {
     if (gw_mpack_check (data, size, GW_ENVELOPE_DEPTH_MAX, 4096))
         return -1;
-    return s_attrs_set (&self->ann, key, strlen (key), data, size);
+    return s_attrs_set (&self->ann, key, strlen (key), NULL, 0, data, size);
 }
 
 const char *
@@ -612,12 +694,16 @@ int
 gw_envelope_remove_ann (gw_envelope_t *self, const char *key)
 {
     s_attrs_t *attrs = &self->ann;
+    size_t key_size = strlen (key);
     for (size_t i = 0; i < attrs->count; i++) {
-        if (streq (attrs->items[i].key, key)) {
-            free (attrs->items[i].value);
+        if (attrs->items[i].key_size == key_size &&
+            memcmp (attrs->items[i].key, key, key_size) == 0) {
+            //  The removed item's buffer moves to the first unused slot.
+            s_attr_t removed = attrs->items[i];
             memmove (&attrs->items[i], &attrs->items[i + 1],
                 (attrs->count - i - 1) * sizeof (s_attr_t));
             attrs->count--;
+            attrs->items[attrs->count] = removed;
             return 0;
         }
     }
@@ -784,6 +870,50 @@ gw_envelope_test (bool verbose)
         deep[i] = 0x91;
     deep[63] = 0x01;
     assert (gw_envelope_decode (copy, deep, sizeof (deep)) == -1);
+
+    //  Value buffers are kept across decodes, removes and sets: values read
+    //  back are always the last ones stored, also when a value is set from
+    //  a pointer into the envelope itself, and strings of every header size
+    //  read back.
+    gw_envelope_t *reuse = gw_envelope_new ();
+    for (int round = 0; round < 3; round++) {
+        assert (
+            gw_envelope_decode (reuse, zframe_data (frame), zframe_size (frame)) == 0);
+        assert (gw_envelope_set_ann_str (reuse, "a", "first") == 0);
+        assert (gw_envelope_set_ann_int (reuse, "b", -5) == 0);
+        assert (gw_envelope_set_ann_str (reuse, "c", "third") == 0);
+        assert (gw_envelope_remove_ann (reuse, "a") == 0);
+        assert (gw_envelope_ann_str (reuse, "a") == NULL);
+        assert (gw_envelope_set_ann_str (reuse, "a", "again") == 0);
+        assert (streq (gw_envelope_ann_str (reuse, "a"), "again"));
+        assert (gw_envelope_ann_int (reuse, "b", 0) == -5);
+        assert (
+            gw_envelope_set_ann_str (reuse, "c", gw_envelope_ann_str (reuse, "c")) == 0);
+        assert (streq (gw_envelope_ann_str (reuse, "c"), "third"));
+        size_t raw_size = 0;
+        const void *own = gw_envelope_ann_raw (reuse, "c", &raw_size);
+        assert (gw_envelope_set_ann_raw (reuse, "c", own, raw_size) == 0);
+        assert (streq (gw_envelope_ann_str (reuse, "c"), "third"));
+        size_t sizes[] = {70000, 0, 31, 32, 255, 256, 65535, 2000};
+        for (size_t i = 0; i < sizeof (sizes) / sizeof (sizes[0]); i++) {
+            char *text = (char *)malloc (sizes[i] + 1);
+            assert (text);
+            memset (text, 'x', sizes[i]);
+            text[sizes[i]] = 0;
+            assert (gw_envelope_set_ann_str (reuse, "long", text) == 0);
+            assert (streq (gw_envelope_ann_str (reuse, "long"), text));
+            free (text);
+        }
+        zframe_t *encoded = gw_envelope_encode (reuse);
+        gw_envelope_t *check = gw_envelope_new ();
+        assert (gw_envelope_decode (
+                    check, zframe_data (encoded), zframe_size (encoded)) == 0);
+        assert (streq (gw_envelope_ann_str (check, "a"), "again"));
+        assert (strlen (gw_envelope_ann_str (check, "long")) == 2000);
+        gw_envelope_destroy (&check);
+        zframe_destroy (&encoded);
+    }
+    gw_envelope_destroy (&reuse);
 
     zframe_destroy (&frame);
     gw_envelope_destroy (&copy);

@@ -642,9 +642,18 @@ typedef struct {
     char id[GW_LIMITER_WINDOWS][24];  //  window name in keys
 } s_windows_t;
 
+//  Every window edge (minute, hour, day, month) falls on a minute, so the
+//  windows of one minute are computed once per thread and copied after.
 static void
 s_windows (int64_t ref_ms, s_windows_t *windows)
 {
+    static __thread int64_t cached_minute = INT64_MIN;
+    static __thread s_windows_t cached;
+    int64_t minute = ref_ms >= 0 ? ref_ms / 60000 : (ref_ms - 59999) / 60000;
+    if (minute == cached_minute) {
+        *windows = cached;
+        return;
+    }
     static const int64_t sizes[] = {60000, 3600000, 86400000};
     static const char tags[] = "mhd";
     for (int w = 0; w < 3; w++) {
@@ -667,6 +676,28 @@ s_windows (int64_t ref_ms, s_windows_t *windows)
     windows->expire[0] = windows->end[0] + 600000;
     for (int w = 1; w < 4; w++)
         windows->expire[w] = windows->end[w] + 3600000;
+    cached = *windows;
+    cached_minute = minute;
+}
+
+//  One key: "{prefix}:rl:" then the parts, truncated to KEY_MAX - 1 bytes
+//  as snprintf would (a key is built for every counter of every call, so
+//  this is plain copying, not formatting).
+static void
+s_key (char *key, const char *prefix, const char *a, const char *b, const char *c)
+{
+    const char *parts[] = {"{", prefix, "}:rl:", a, b, c};
+    size_t at = 0;
+    for (size_t i = 0; i < sizeof (parts) / sizeof (parts[0]); i++) {
+        if (!parts[i])
+            continue;
+        size_t size = strlen (parts[i]);
+        if (size > KEY_MAX - 1 - at)
+            size = KEY_MAX - 1 - at;
+        memcpy (key + at, parts[i], size);
+        at += size;
+    }
+    key[at] = 0;
 }
 
 //  Build the keys of a call: keys[0] the record, then KEYS_PER_SCOPE per
@@ -675,17 +706,22 @@ static void
 s_keys (const char *prefix, const char *rid_hex, size_t count, const char *const *scopes,
     const s_windows_t *windows, char keys[][KEY_MAX])
 {
-    snprintf (keys[0], KEY_MAX, "{%s}:rl:r:%s", prefix, rid_hex);
+    s_key (keys[0], prefix, "r:", rid_hex, NULL);
     for (size_t i = 0; i < count; i++) {
         char (*k)[KEY_MAX] = keys + 1 + i * KEYS_PER_SCOPE;
-        snprintf (k[0], KEY_MAX, "{%s}:rl:rq:%s", prefix, scopes[i]);
-        snprintf (k[1], KEY_MAX, "{%s}:rl:tk:%s", prefix, scopes[i]);
-        snprintf (k[2], KEY_MAX, "{%s}:rl:ls:%s", prefix, scopes[i]);
-        for (int w = 0; w < GW_LIMITER_WINDOWS; w++)
-            snprintf (
-                k[3 + w], KEY_MAX, "{%s}:rl:q:%s:%s", prefix, windows->id[w], scopes[i]);
-        snprintf (k[7], KEY_MAX, "{%s}:rl:bg:%s", prefix, scopes[i]);
-        snprintf (k[8], KEY_MAX, "{%s}:rl:bs:%s", prefix, scopes[i]);
+        s_key (k[0], prefix, "rq:", scopes[i], NULL);
+        s_key (k[1], prefix, "tk:", scopes[i], NULL);
+        s_key (k[2], prefix, "ls:", scopes[i], NULL);
+        for (int w = 0; w < GW_LIMITER_WINDOWS; w++) {
+            char window[32];
+            size_t size = strlen (windows->id[w]);
+            memcpy (window, windows->id[w], size);
+            window[size] = ':';
+            window[size + 1] = 0;
+            s_key (k[3 + w], prefix, "q:", window, scopes[i]);
+        }
+        s_key (k[7], prefix, "bg:", scopes[i], NULL);
+        s_key (k[8], prefix, "bs:", scopes[i], NULL);
     }
 }
 
@@ -1405,7 +1441,7 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     double now = s_now_us (self);
     int64_t now_ms = (int64_t)floor (now / 1000);
     if (!self->redis) {
-        snprintf (keys[0], KEY_MAX, "{%s}:rl:r:%s", self->prefix, rid_hex);
+        s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
         s_entry_t *record = s_get (self, keys[0], now_ms);
         if (record && (record->state == 1 || (record->state == 3 && release == 0))) {
             char *list = strdup (record->scope_list);
@@ -1424,7 +1460,7 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     rc = -1;
     if (!s_ready (self))
         goto done;
-    snprintf (keys[0], KEY_MAX, "{%s}:rl:r:%s", self->prefix, rid_hex);
+    s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
     const char *hargv[] = {"HMGET", keys[0], "s", "t", "n", "sc"};
     redisReply *reply = s_command (self, 6, hargv, NULL);
     if (!reply)
@@ -1523,7 +1559,7 @@ gw_limiter_budget_settled (gw_limiter_t *self, const char *scope, uint64_t *sett
     assert (scope && *scope && strlen (scope) <= GW_LIMITER_SCOPE_MAX);
     assert (settled);
     char key[KEY_MAX];
-    snprintf (key, KEY_MAX, "{%s}:rl:bs:%s", self->prefix, scope);
+    s_key (key, self->prefix, "bs:", scope, NULL);
     int rc = -1;
     pthread_mutex_lock (&self->mutex);
     if (!self->redis) {
