@@ -64,7 +64,6 @@ typedef struct {
     zsock_t *pipe;  //  actor pipe
     zsock_t *router;  //  the bus
     zsock_t *tap;  //  XPUB, or NULL until TAP
-    zpoller_t *poller;  //  pipe, router, tap
     gw_dispatch_t *dispatch;  //  scheduling core
     zhashx_t *peers;  //  peer_key_t -> peer_t
     peer_t **dead;  //  peers to reap
@@ -447,13 +446,13 @@ s_reserved (const char *service)
     return strncmp (service, "gw.", 3) == 0;
 }
 
-//  Handle one frame set from the bus.
-static void
+//  Handle one frame set from the bus. False when none was waiting.
+static bool
 s_handle_bus (broker_t *self)
 {
     int rc = gw_msg_recv (self->msg, self->router);
     if (rc == GW_MSG_NONE)
-        return;
+        return false;
     gw_msg_t *msg = self->msg;
     zframe_t *routing_id = gw_msg_routing_id (msg);
     peer_t *peer = s_peer_lookup (self, routing_id);
@@ -463,7 +462,7 @@ s_handle_bus (broker_t *self)
     if (rc == GW_MSG_MALFORMED) {
         s_handle_malformed (self, peer);
         s_reap (self);
-        return;
+        return true;
     }
     int id = gw_msg_id (msg);
     int64_t now = gw_time_ms ();
@@ -643,6 +642,7 @@ s_handle_bus (broker_t *self)
             break;
     }
     s_reap (self);
+    return true;
 }
 
 //  Read subscription notices from the tap (XPUB_VERBOSER: one per
@@ -774,7 +774,6 @@ s_handle_pipe (broker_t *self)
             zsock_set_xpub_nodrop (self->tap, 0);
             zsock_set_xpub_verboser (self->tap, 1);
             zsock_set_linger (self->tap, 0);
-            zpoller_add (self->poller, self->tap);
         }
         s_bind_reply (self, self->tap, arg1);
     }
@@ -829,9 +828,9 @@ s_broker_new (zsock_t *pipe)
     //  A full peer pipe fails the send (the peer is then dropped) instead
     //  of blocking the broker.
     zsock_set_sndtimeo (self->router, 0);
+    //  Reads never wait: the loop drains the socket until it is empty.
+    zsock_set_rcvtimeo (self->router, 0);
     s_set_heartbeats (self, self->router);
-    self->poller = zpoller_new (pipe, self->router, NULL);
-    assert (self->poller);
     self->dispatch = gw_dispatch_new ();
     gw_dispatch_set_destructor (self->dispatch, s_payload_free);
     self->peers = zhashx_new ();
@@ -869,7 +868,6 @@ s_broker_destroy (broker_t **self_p)
     gw_msg_destroy (&self->out);
     msgpack_sbuffer_destroy (&self->sbuf);
     free (self->dead);
-    zpoller_destroy (&self->poller);
     zsock_destroy (&self->tap);
     zsock_destroy (&self->router);
     free (self);
@@ -892,19 +890,20 @@ gw_broker_actor (zsock_t *pipe, void *args)
         if (gw_dispatch_queued_total (self->dispatch) > 0 && self->next_tick < wake)
             wake = self->next_tick;
         int64_t timeout = wake > now ? wake - now : 0;
-        void *which = zpoller_wait (self->poller, (int)timeout);
-        if (!which && zpoller_terminated (self->poller))
-            break;
-        if (which == pipe)
+        zmq_pollitem_t items[] = {{zsock_resolve (pipe), 0, ZMQ_POLLIN, 0},
+            {zsock_resolve (self->router), 0, ZMQ_POLLIN, 0},
+            {self->tap ? zsock_resolve (self->tap) : NULL, 0, ZMQ_POLLIN, 0}};
+        int ready = zmq_poll (items, self->tap ? 3 : 2, (long)timeout);
+        if (ready < 0 && errno != EINTR)
+            break;  //  context terminated
+        if (ready > 0 && (items[0].revents & ZMQ_POLLIN))
             s_handle_pipe (self);
-        //  Drain what is ready, in bounded batches so the pipe stays
-        //  responsive.
-        for (int count = 0; count < BROKER_BATCH; count++) {
-            if (!(zsock_events (self->router) & ZMQ_POLLIN))
-                break;
-            s_handle_bus (self);
-        }
-        if (self->tap && (zsock_events (self->tap) & ZMQ_POLLIN))
+        //  Drain what is ready (reads never wait), in bounded batches so
+        //  the pipe stays responsive.
+        if (ready > 0 && (items[1].revents & ZMQ_POLLIN))
+            for (int count = 0; count < BROKER_BATCH && s_handle_bus (self); count++)
+                ;
+        if (ready > 0 && self->tap && (items[2].revents & ZMQ_POLLIN))
             s_handle_tap (self);
         now = gw_mono_ms ();
         if (now >= self->next_heartbeat) {

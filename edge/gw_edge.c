@@ -159,6 +159,34 @@ s_add (msgpack_sbuffer *sb, const char *text)
     msgpack_sbuffer_write (sb, text, strlen (text));
 }
 
+//  Append the decimal digits of value (the response head is built for
+//  every request: plain copies here, no printf).
+static void
+s_add_int (msgpack_sbuffer *sb, int64_t value)
+{
+    char digits[24];
+    size_t at = sizeof (digits);
+    uint64_t left = value < 0 ? 0 - (uint64_t)value : (uint64_t)value;
+    do {
+        digits[--at] = (char)('0' + left % 10);
+        left /= 10;
+    } while (left);
+    if (value < 0)
+        digits[--at] = '-';
+    msgpack_sbuffer_write (sb, digits + at, sizeof (digits) - at);
+}
+
+//  Append "name: value\r\n".
+static void
+s_add_header (msgpack_sbuffer *sb, const char *name, size_t name_size, const char *value,
+    size_t size)
+{
+    msgpack_sbuffer_write (sb, name, name_size);
+    msgpack_sbuffer_write (sb, ": ", 2);
+    msgpack_sbuffer_write (sb, value, size);
+    msgpack_sbuffer_write (sb, "\r\n", 2);
+}
+
 static void s_addf (msgpack_sbuffer *sb, const char *format, ...)
     __attribute__ ((format (printf, 2, 3)));
 
@@ -459,15 +487,28 @@ s_head (
     s_req_t *req, msgpack_sbuffer *out, int status, const char *ctype, long long length)
 {
     gw_edge_t *edge = req->edge;
-    s_addf (out, "HTTP/1.1 %d %s\r\nDate: %s\r\n", status,
-        mg_get_response_code_text (req->conn, status), s_date (req->thread));
-    if (ctype)
-        s_addf (out, "Content-Type: %s\r\n", ctype);
-    if (length >= 0)
-        s_addf (out, "Content-Length: %lld\r\n", length);
+    s_add (out, "HTTP/1.1 ");
+    s_add_int (out, status);
+    s_add (out, " ");
+    s_add (out, mg_get_response_code_text (req->conn, status));
+    s_add (out, "\r\nDate: ");
+    s_add (out, s_date (req->thread));
+    s_add (out, "\r\n");
+    if (ctype) {
+        s_add (out, "Content-Type: ");
+        s_add (out, ctype);
+        s_add (out, "\r\n");
+    }
+    if (length >= 0) {
+        s_add (out, "Content-Length: ");
+        s_add_int (out, length);
+        s_add (out, "\r\n");
+    }
     else if (length == -1 && req->chunked)
         s_add (out, "Transfer-Encoding: chunked\r\n");
-    s_addf (out, "X-Request-Id: %s\r\n", req->rid_text);
+    s_add (out, "X-Request-Id: ");
+    s_add (out, req->rid_text);
+    s_add (out, "\r\n");
     if (req->origin)
         s_addf (out, "Access-Control-Allow-Origin: %s\r\n", req->origin);
     if (req->origin && req->cross_origin) {
@@ -1023,8 +1064,14 @@ s_usage_headers (msgpack_sbuffer *extra, gw_envelope_t *env)
         gw_mvalue_t value;
         gw_mreader_init (&reader, raw, size);
         if (gw_mreader_find (&reader, fields[i]) == 0 &&
-            gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT)
-            s_addf (extra, "x-aigw-%s-tokens: %" PRIu64 "\r\n", names[i], value.v.u);
+            gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_UINT &&
+            value.v.u <= INT64_MAX) {
+            s_add (extra, "x-aigw-");
+            s_add (extra, names[i]);
+            s_add (extra, "-tokens: ");
+            s_add_int (extra, (int64_t)value.v.u);
+            s_add (extra, "\r\n");
+        }
     }
 }
 
@@ -1037,7 +1084,7 @@ s_final_headers (s_req_t *req, gw_envelope_t *env, int status)
     extra->size = 0;
     const char *channel = gw_envelope_ann_str (env, "channel");
     if (channel && *channel && strlen (channel) <= 256 && !strpbrk (channel, "\r\n"))
-        s_addf (extra, "x-aigw-channel: %s\r\n", channel);
+        s_add_header (extra, "x-aigw-channel", 14, channel, strlen (channel));
     int64_t retry = gw_envelope_ann_int (env, "retry_after", -1);
     if (retry >= 0 && (status == 429 || status == 503))
         s_addf (extra, "Retry-After: %" PRId64 "\r\n", retry);
@@ -1074,8 +1121,7 @@ s_final_headers (s_req_t *req, gw_envelope_t *env, int status)
             ok = !(strlen (reserved[j]) == name.size &&
                 strncasecmp (reserved[j], name.ptr, name.size) == 0);
         if (ok)
-            s_addf (extra, "%.*s: %.*s\r\n", (int)name.size, name.ptr, (int)value.size,
-                value.ptr);
+            s_add_header (extra, name.ptr, name.size, value.ptr, value.size);
     }
 }
 
