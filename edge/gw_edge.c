@@ -95,6 +95,7 @@ struct _gw_edge_t {
     int request_timeout_ms;  //  civetweb socket timeout
     int keepalive_ms;  //  civetweb idle keep-alive
     int drain_ms;  //  time requests in flight get on stop
+    int64_t slow_ms;  //  log requests slower than this with stage timings; 0 = off
 
     char io_endpoint[64];  //  inproc endpoint of the I/O actor
     zactor_t *io;  //  the I/O actor, NULL until started
@@ -1812,9 +1813,40 @@ s_thread_reset (s_thread_t *thread)
     }
 }
 
+//  A request slower than AIGW_SLOW_REQUEST_MS: one warning with where the
+//  time went, from the stage timings its FINAL carried (each stage's
+//  arrival and hand-off, in ms after the edge received the request), e.g.
+//  "slow request 112.4 ms status=200 rid=... auth 0.21-0.25 ratelimit
+//  0.26-0.30 router 0.31-0.33 bridge 0.35-111.9".
+static void
+s_slow_log (s_req_t *req, int64_t took_us)
+{
+    char stages[512] = "";
+    size_t used = 0;
+    gw_envelope_t *env = req->thread->env;
+    if (memcmp (gw_envelope_rid (env), req->rid, 16) == 0) {
+        for (size_t i = 0; i < gw_envelope_timings (env) && used < sizeof (stages); i++) {
+            uint64_t t_in = 0, t_out = 0;
+            const char *service = gw_envelope_timing (env, i, &t_in, &t_out);
+            int n = snprintf (stages + used, sizeof (stages) - used, " %s %.2f-%.2f",
+                service, ((double)t_in - (double)req->start_us) / 1000.0,
+                ((double)t_out - (double)req->start_us) / 1000.0);
+            if (n < 0)
+                break;
+            used += (size_t)n;
+        }
+    }
+    gw_log (GW_LOG_WARN, NULL, "slow request %.1f ms status=%d rid=%s%s",
+        (double)took_us / 1000.0, req->status, req->rid_text,
+        *stages ? stages : " (no stage timings)");
+}
+
 static void
 s_access_log (s_req_t *req)
 {
+    int64_t slow_ms = req->edge->slow_ms;
+    if (slow_ms && req->ri && gw_time_us () - req->start_us >= slow_ms * 1000)
+        s_slow_log (req, gw_time_us () - req->start_us);
     if (gw_log_enabled (GW_LOG_DEBUG))
         gw_log (GW_LOG_DEBUG, NULL,
             "access %s %s %d %" PRIu64 " bytes %" PRId64 " us rid=%s",
@@ -2181,6 +2213,11 @@ gw_edge_set (gw_edge_t *self, const char *name, const char *value)
             return -1;
         self->drain_ms = (int)n;
     }
+    else if (streq (name, "AIGW_SLOW_REQUEST_MS")) {
+        if (s_set_int (value, 0, 3600000, &n))
+            return -1;
+        self->slow_ms = n;
+    }
     else
         return -1;
     return 0;
@@ -2190,7 +2227,7 @@ static const char *s_settings[] = {"PORT", "AIGW_LISTEN", "AIGW_BUS", "AIGW_SLIP
     "AIGW_READY_SERVICES", "AIGW_BODY_MAX", "AIGW_DEADLINE_MS", "AIGW_STREAM_WINDOW",
     "AIGW_EDGE_THREADS", "AIGW_CORS_ORIGINS", "AIGW_SECURITY_HEADERS",
     "AIGW_SSE_KEEPALIVE_MS", "AIGW_REQUEST_TIMEOUT_MS", "AIGW_KEEPALIVE_MS",
-    "AIGW_DRAIN_MS", NULL};
+    "AIGW_DRAIN_MS", "AIGW_SLOW_REQUEST_MS", NULL};
 
 gw_edge_t *
 gw_edge_new (void)

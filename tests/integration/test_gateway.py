@@ -504,3 +504,34 @@ def test_non_stream_responses_carry_the_usage_as_headers(make_mock, make_gateway
     assert headers.get("x-aigw-prompt-tokens") == str(usage["prompt_tokens"]), headers
     assert headers.get("x-aigw-completion-tokens") == str(usage["completion_tokens"]), headers
     assert headers.get("x-aigw-total-tokens") == str(usage["total_tokens"]), headers
+
+
+def test_slow_requests_are_logged_with_stage_timings(make_mock, make_gateway) -> None:
+    """With AIGW_SLOW_REQUEST_MS, a request slower than that leaves one
+    warning that says which stage held it; faster ones leave none."""
+    a = make_mock("a")
+    gw = make_gateway([channel("a", a)], edge_env={"AIGW_SLOW_REQUEST_MS": "400"})
+    status, headers, body = gw.chat(content="fast")
+    assert status == 200, body
+    a.config(latency_ms=700)
+    status, headers, body = gw.chat(content="slow")
+    assert status == 200, body
+    rid = headers["x-request-id"]
+
+    def slow_lines() -> List[str]:
+        return [ln for ln in gw.logs().splitlines() if "slow request" in ln]
+    lines = wait_for(slow_lines, 5.0, "the slow-request warning")
+    assert len(lines) == 1, lines  # the fast request is not there
+    line = lines[0]
+    assert "WARN" in line and f"rid={rid}" in line and "status=200" in line, line
+    took = float(line.split("slow request ")[1].split(" ms")[0])
+    assert 700 <= took < 5000, line
+    # every stage on the path, each with its arrival and hand-off in ms
+    # after the edge took the request; the bridge held it for the latency
+    spans = {}
+    for stage in ("auth", "ratelimit", "router", "bridge"):
+        assert f" {stage} " in line, line
+        t_in, t_out = line.split(f" {stage} ")[1].split()[0].split("-")
+        spans[stage] = (float(t_in), float(t_out))
+    assert spans["bridge"][1] - spans["bridge"][0] >= 650, spans
+    assert spans["auth"][0] <= spans["ratelimit"][0] <= spans["router"][0] <= spans["bridge"][0]
