@@ -103,7 +103,7 @@ s_launch_fused (const char *list)
 {
     gw_stage_host_t *host = gw_stage_host_new ();
     char name[64] = "";
-    const char *capacity = NULL;
+    const char *capacity = s_fusable[0][1];  //  the first fused stage's
     for (size_t i = 0; i < FUSABLE; i++) {
         const char *stage = s_fusable[i][0];
         if (!s_listed (list, stage))
@@ -126,7 +126,7 @@ s_launch_fused (const char *list)
                 goto failed;
             gw_router_stage (channels, host);
         }
-        if (!capacity)
+        if (!*name)
             capacity = s_fusable[i][1];
         snprintf (name + strlen (name), sizeof (name) - strlen (name), "%s%s",
             *name ? "+" : "", stage);
