@@ -1409,11 +1409,60 @@ gw_router_test (bool verbose)
     assert (gw_msg_status (reply) == 503);
     gw_msg_destroy (&reply);
 
+    //  Co-located (aigw-gateway's fuse): auth and router in one actor. A
+    //  request reaches the router by a direct call, and one parked for a
+    //  local-model refresh is answered later on auth's session, which
+    //  holds it.
+    zactor_destroy (&auth_actor);
+    zactor_destroy (&router);
+    channels = gw_channels_new ();
+    rc = gw_channels_load (channels, config, strlen (config), error, sizeof (error));
+    assert (rc == 0);
+    auth = gw_auth_new ();
+    assert (gw_auth_add_keys (auth, "sk-good") == 1);
+    gw_stage_host_t *host = gw_stage_host_new ();
+    gw_auth_stage (auth, host);
+    gw_router_stage (channels, host);
+    zactor_t *fused = zactor_new (gw_stage_actor, host);
+    assert (fused);
+    assert (gw_actor_configure (fused, "local_models", "1") == 0);
+    assert (gw_actor_configure (fused, "refresh_s", "0") == -1);
+    zstr_sendx (fused, "CONNECT", endpoint, NULL);
+    assert (zsock_wait (fused) == 0);
+    reply = s_call (&rig, "chat", "m", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 200);
+    echo = gw_msg_body (reply);
+    assert (gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+    assert (streq (s_plan_field (env, 0, "id", text, sizeof (text)), "a"));
+    assert (gw_envelope_timings (env) == 2);
+    assert (streq (gw_envelope_timing (env, 0, NULL, NULL), "auth"));
+    assert (streq (gw_envelope_timing (env, 1, NULL, NULL), "router"));
+    gw_msg_destroy (&reply);
+    int64_t started = gw_mono_ms ();
+    reply = s_call (&rig, "chat", "local/nope", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 404);
+    assert (streq (s_error_code (reply, text, sizeof (text)), "model_not_found"));
+    assert (gw_mono_ms () - started < 2000);  //  not the deadline's 504
+    gw_msg_destroy (&reply);
+    bridge = rig.bridge;
+    rig.bridge = gw_worker_new (endpoint, "model.tiny", 4, 0);
+    assert (rig.bridge);
+    served = false;
+    for (int attempt = 0; attempt < 100 && !served; attempt++) {
+        reply = s_call (&rig, "chat", "local/tiny", "Bearer sk-good");
+        served = gw_msg_status (reply) == 200;
+        gw_msg_destroy (&reply);
+        if (!served)
+            zclock_sleep (20);
+    }
+    assert (served);
+    gw_worker_destroy (&rig.bridge);
+    rig.bridge = bridge;
+    zactor_destroy (&fused);
+
     gw_envelope_destroy (&env);
     gw_client_destroy (&rig.client);
     gw_worker_destroy (&rig.bridge);
-    zactor_destroy (&auth_actor);
-    zactor_destroy (&router);
     zactor_destroy (&broker);
     zstr_free (&endpoint);
     mg_stop (web);
