@@ -10,11 +10,21 @@
 //  session. The broker sees one REQUEST and, at the end, the FORWARD or
 //  FINAL of the last hosted stage; the envelope's timings still name every
 //  stage. A chain of hand-offs is bounded by the slip (GW_ENVELOPE_SLIP_MAX).
+//
+//  A stage's own sockets (class sockets/input/timeout) are polled with the
+//  sessions; the list is asked for again before every poll and after every
+//  input call, because a stage replaces a socket when its client session
+//  reconnects or closes one when a helper ends, and a freed socket must
+//  never reach zmq_poll or input. A request answered later (a parked one)
+//  keeps its context with gw_stage_dup: host, stage and the session
+//  holding it; sessions live as long as the host, and states are destroyed
+//  before sessions, so a kept context never outlives its session.
 
 #include "aigw.h"
 
 #define STAGES_MAX 8
 #define TICK_MS 500  //  longest sleep: the stages' ticks run at least this often
+#define ITEMS_MAX (1 + STAGES_MAX * (1 + GW_STAGE_SOCKETS_MAX))  //  poll items
 
 typedef struct {
     const gw_stage_class_t *cls;
@@ -48,10 +58,11 @@ gw_stage_host_destroy (gw_stage_host_t **self_p)
     assert (self_p);
     gw_stage_host_t *self = *self_p;
     if (self) {
-        for (size_t i = 0; i < self->count; i++) {
-            gw_worker_destroy (&self->stages[i].worker);
+        //  States first: a state may hold contexts naming any session.
+        for (size_t i = 0; i < self->count; i++)
             self->stages[i].cls->destroy (&self->stages[i].state);
-        }
+        for (size_t i = 0; i < self->count; i++)
+            gw_worker_destroy (&self->stages[i].worker);
         free (self);
         *self_p = NULL;
     }
@@ -62,6 +73,7 @@ gw_stage_host_add (gw_stage_host_t *self, const gw_stage_class_t *cls, void *sta
 {
     assert (self);
     assert (cls && cls->service && cls->request && cls->destroy);
+    assert (!cls->sockets || cls->input);
     assert (self->count < STAGES_MAX);
     for (size_t i = 0; i < self->count; i++)
         assert (!streq (self->stages[i].cls->service, cls->service));
@@ -73,6 +85,24 @@ gw_stage_session (gw_stage_t *stage)
 {
     assert (stage);
     return stage->session;
+}
+
+gw_stage_t *
+gw_stage_dup (gw_stage_t *stage)
+{
+    assert (stage);
+    gw_stage_t *copy = (gw_stage_t *)malloc (sizeof (gw_stage_t));
+    assert (copy);
+    *copy = *stage;
+    return copy;
+}
+
+void
+gw_stage_destroy (gw_stage_t **self_p)
+{
+    assert (self_p);
+    free (*self_p);
+    *self_p = NULL;
 }
 
 int
@@ -91,6 +121,31 @@ gw_stage_forward (gw_stage_t *stage, gw_msg_t *request, gw_envelope_t *envelope)
         return 0;
     }
     return gw_worker_forward (stage->session, request, envelope);
+}
+
+//  The stage's own sockets now (none without a sockets callback).
+static size_t
+s_sockets (s_hosted_t *hosted, zsock_t **sockets)
+{
+    if (!hosted->cls->sockets)
+        return 0;
+    size_t count = hosted->cls->sockets (hosted->state, sockets, GW_STAGE_SOCKETS_MAX);
+    assert (count <= GW_STAGE_SOCKETS_MAX);
+    return count;
+}
+
+//  Input on socket, if the stage still lists it: an earlier input call of
+//  this wake-up may have replaced or closed it.
+static void
+s_input (s_hosted_t *hosted, zsock_t *socket)
+{
+    zsock_t *sockets[GW_STAGE_SOCKETS_MAX];
+    size_t count = s_sockets (hosted, sockets);
+    for (size_t i = 0; i < count; i++)
+        if (sockets[i] == socket) {
+            hosted->cls->input (hosted->state, socket);
+            return;
+        }
 }
 
 //  A pipe command to every stage: the worst answer of those concerned (0
@@ -126,14 +181,30 @@ gw_stage_actor (zsock_t *pipe, void *args)
     bool terminated = false;
     zsock_signal (pipe, 0);
     while (!terminated) {
-        zmq_pollitem_t items[1 + STAGES_MAX];
+        zmq_pollitem_t items[ITEMS_MAX];
+        zsock_t *owned[ITEMS_MAX];  //  a stage's own socket, per item (or NULL)
+        size_t owner[ITEMS_MAX];  //  the stage of that socket
         size_t count = 0;
         items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
         long timeout = TICK_MS;
         for (size_t i = 0; i < host->count; i++) {
-            gw_worker_t *worker = host->stages[i].worker;
+            s_hosted_t *hosted = &host->stages[i];
+            if (hosted->cls->timeout) {
+                long due = hosted->cls->timeout (hosted->state);
+                timeout = due >= 0 && due < timeout ? due : timeout;
+            }
+            zsock_t *sockets[GW_STAGE_SOCKETS_MAX];
+            size_t listed = s_sockets (hosted, sockets);
+            for (size_t j = 0; j < listed; j++) {
+                owned[count] = sockets[j];
+                owner[count] = i;
+                items[count++] =
+                    (zmq_pollitem_t){zsock_resolve (sockets[j]), 0, ZMQ_POLLIN, 0};
+            }
+            gw_worker_t *worker = hosted->worker;
             if (!worker)
                 continue;
+            owned[count] = NULL;
             items[count++] = (zmq_pollitem_t){
                 zsock_resolve (gw_worker_socket (worker)), 0, ZMQ_POLLIN, 0};
             long due = gw_worker_timeout (worker);
@@ -153,12 +224,15 @@ gw_stage_actor (zsock_t *pipe, void *args)
                 bool ok = key != NULL;
                 for (size_t i = 0; ok && i < host->count; i++) {
                     s_hosted_t *hosted = &host->stages[i];
-                    if (!hosted->worker)
-                        hosted->worker = gw_worker_new (key, hosted->cls->service,
-                            capacity, hosted->cls->ready_flags);
+                    if (hosted->worker)
+                        continue;
+                    hosted->worker = gw_worker_new (
+                        key, hosted->cls->service, capacity, hosted->cls->ready_flags);
                     ok = hosted->worker != NULL;
                     if (ok && heartbeat && expiry)
                         gw_worker_set_heartbeat (hosted->worker, heartbeat, expiry);
+                    if (ok && hosted->cls->connect)
+                        ok = hosted->cls->connect (hosted->state, key) == 0;
                 }
                 zsock_signal (pipe, ok ? 0 : 1);
             }
@@ -206,6 +280,9 @@ gw_stage_actor (zsock_t *pipe, void *args)
         }
         for (size_t i = 0; i < host->count; i++) {
             s_hosted_t *hosted = &host->stages[i];
+            for (size_t j = 1; j < count; j++)
+                if (owned[j] && owner[j] == i && (items[j].revents & ZMQ_POLLIN))
+                    s_input (hosted, owned[j]);
             if (hosted->cls->tick)
                 hosted->cls->tick (hosted->state);
             if (!hosted->worker)
@@ -283,6 +360,110 @@ s_test_destroy (void **state_p)
     *state_p = NULL;
 }
 
+//  "s4": a stage with a socket of its own (a PULL fed by the test) that
+//  parks every request and acts on it later, when told over that socket:
+//  RELEASE answers it, FORWARD hands it on along its slip, SWAP replaces
+//  the socket by one bound elsewhere. Its timeout keeps its tick at 5 ms.
+typedef struct {
+    zsock_t *feed;  //  its own socket, NULL before CONNECT
+    gw_stage_t *kept;  //  the parked request's context, or NULL
+    gw_msg_t *parked;  //  the parked request, or NULL
+    gw_envelope_t *envelope;  //  its envelope
+    int connects;  //  connect calls
+    int inputs;  //  input calls
+    int ticks;  //  tick calls
+} s_test_feed_t;
+
+static void
+s_test_feed_request (void *state, gw_stage_t *stage, gw_msg_t *request)
+{
+    s_test_feed_t *self = (s_test_feed_t *)state;
+    assert (!self->parked);
+    self->kept = gw_stage_dup (stage);
+    self->parked = gw_msg_dup (request);
+}
+
+static int
+s_test_feed_connect (void *state, const char *endpoint)
+{
+    s_test_feed_t *self = (s_test_feed_t *)state;
+    self->connects++;
+    self->feed = zsock_new_pull ("@inproc://gw-stage-test-feed1");
+    return self->feed ? 0 : -1;
+}
+
+static size_t
+s_test_feed_sockets (void *state, zsock_t **sockets, size_t max)
+{
+    s_test_feed_t *self = (s_test_feed_t *)state;
+    assert (max >= 1);
+    if (!self->feed)
+        return 0;
+    sockets[0] = self->feed;
+    return 1;
+}
+
+static void
+s_test_feed_input (void *state, zsock_t *socket)
+{
+    s_test_feed_t *self = (s_test_feed_t *)state;
+    assert (socket == self->feed);
+    self->inputs++;
+    if (!(zsock_events (socket) & ZMQ_POLLIN))
+        return;
+    char *command = zstr_recv (socket);
+    assert (command);
+    if (streq (command, "SWAP")) {
+        zsock_destroy (&self->feed);
+        self->feed = zsock_new_pull ("@inproc://gw-stage-test-feed2");
+        assert (self->feed);
+    }
+    else if (self->parked) {
+        const uint8_t *rid = gw_msg_rid (self->parked);
+        gw_worker_t *session = gw_stage_session (self->kept);
+        assert (!gw_worker_cancelled (session, rid));
+        zframe_t *frame = gw_msg_envelope (self->parked);
+        assert (frame &&
+            gw_envelope_decode (
+                self->envelope, zframe_data (frame), zframe_size (frame)) == 0);
+        if (streq (command, "RELEASE")) {
+            zframe_t *echo = gw_envelope_encode (self->envelope);
+            assert (gw_worker_final (session, rid, 200, NULL, &echo) == 0);
+        }
+        else {
+            gw_envelope_set_ann_str (self->envelope, "s4", "forwarded later");
+            assert (gw_stage_forward (self->kept, self->parked, self->envelope) == 0);
+        }
+        gw_msg_destroy (&self->parked);
+        gw_stage_destroy (&self->kept);
+    }
+    zstr_free (&command);
+}
+
+static void
+s_test_feed_tick (void *state)
+{
+    ((s_test_feed_t *)state)->ticks++;
+}
+
+static long
+s_test_feed_timeout (void *state)
+{
+    return 5;
+}
+
+static void
+s_test_feed_destroy (void **state_p)
+{
+    s_test_feed_t *self = (s_test_feed_t *)*state_p;
+    zsock_destroy (&self->feed);
+    gw_msg_destroy (&self->parked);
+    gw_stage_destroy (&self->kept);
+    gw_envelope_destroy (&self->envelope);
+    free (self);
+    *state_p = NULL;
+}
+
 static s_test_state_t *
 s_test_state (const char *name)
 {
@@ -354,15 +535,33 @@ gw_stage_test (bool verbose)
     char *endpoint = zstr_recv (broker);
     assert (endpoint && *endpoint);
 
-    static const gw_stage_class_t s1_class = {
-        "s1", GW_READY_IDEMPOTENT, s_test_request, s_test_command, NULL, s_test_destroy};
-    static const gw_stage_class_t s2_class = {
-        "s2", GW_READY_IDEMPOTENT, s_test_request, s_test_command, NULL, s_test_destroy};
+    static const gw_stage_class_t s1_class = {.service = "s1",
+        .ready_flags = GW_READY_IDEMPOTENT,
+        .request = s_test_request,
+        .command = s_test_command,
+        .destroy = s_test_destroy};
+    static const gw_stage_class_t s2_class = {.service = "s2",
+        .ready_flags = GW_READY_IDEMPOTENT,
+        .request = s_test_request,
+        .command = s_test_command,
+        .destroy = s_test_destroy};
+    static const gw_stage_class_t s4_class = {.service = "s4",
+        .request = s_test_feed_request,
+        .tick = s_test_feed_tick,
+        .destroy = s_test_feed_destroy,
+        .connect = s_test_feed_connect,
+        .sockets = s_test_feed_sockets,
+        .input = s_test_feed_input,
+        .timeout = s_test_feed_timeout};
     s_test_state_t *s1 = s_test_state ("s1");
     s_test_state_t *s2 = s_test_state ("s2");
+    s_test_feed_t *s4 = (s_test_feed_t *)zmalloc (sizeof (s_test_feed_t));
+    assert (s4);
+    s4->envelope = gw_envelope_new ();
     gw_stage_host_t *host = gw_stage_host_new ();
     gw_stage_host_add (host, &s1_class, s1);
     gw_stage_host_add (host, &s2_class, s2);
+    gw_stage_host_add (host, &s4_class, s4);
     zactor_t *actor = zactor_new (gw_stage_actor, host);
     assert (actor);
     assert (gw_actor_configure (actor, "capacity", "0") == -1);
@@ -416,8 +615,76 @@ gw_stage_test (bool verbose)
         gw_msg_destroy (&reply);
     }
     assert (status == 204 && s1->requests == 2);
+
+    //  A stage's own socket: s1 hands the request to s4, which parks it
+    //  (no answer yet) and answers it when its socket says so, on s1's
+    //  session (the one holding the request).
+    assert (s4->connects == 1);
+    zsock_t *feed = zsock_new_push (">inproc://gw-stage-test-feed1");
+    assert (feed);
+    s_test_send (client, "s1,s4");
+    gw_msg_t *early = gw_client_wait (client, 200);
+    assert (!early);
+    zstr_send (feed, "RELEASE");
+    until = gw_mono_ms () + 5000;
+    status = -1;
+    while (status < 0 && gw_mono_ms () < until) {
+        gw_msg_t *reply = gw_client_wait (client, 100);
+        if (reply && gw_msg_id (reply) == GW_MSG_FINAL) {
+            status = gw_msg_status (reply);
+            zframe_t *body = gw_msg_body (reply);
+            assert (body &&
+                gw_envelope_decode (env, zframe_data (body), zframe_size (body)) == 0);
+        }
+        gw_msg_destroy (&reply);
+    }
+    assert (status == 200 && s1->requests == 3 && s4->inputs >= 1);
+    assert (streq (gw_envelope_ann_str (env, "s1"), "passed"));
+    assert (gw_envelope_cursor (env) == 1);
+
+    //  The stage replaces its socket: the new one is polled. A parked
+    //  request forwarded later goes on through the broker to s3.
+    s_test_send (client, "s1,s4,s3");
+    zstr_send (feed, "SWAP");
+    zsock_destroy (&feed);
+    feed = zsock_new_push (">inproc://gw-stage-test-feed2");
+    assert (feed);
+    zclock_sleep (50);
+    zstr_send (feed, "FORWARD");
+    until = gw_mono_ms () + 5000;
+    got = NULL;
+    while (!got && gw_mono_ms () < until)
+        got = gw_worker_wait (s3, 100);
+    assert (got && gw_msg_id (got) == GW_MSG_REQUEST);
+    forwarded = gw_msg_envelope (got);
+    assert (
+        gw_envelope_decode (env, zframe_data (forwarded), zframe_size (forwarded)) == 0);
+    assert (streq (gw_envelope_ann_str (env, "s4"), "forwarded later"));
+    assert (gw_envelope_timings (env) == 2);  //  s1, then s4
+    assert (gw_worker_final (s3, gw_msg_rid (got), 204, NULL, NULL) == 0);
+    gw_msg_destroy (&got);
+    status = -1;
+    while (status < 0 && gw_mono_ms () < until) {
+        gw_msg_t *reply = gw_client_wait (client, 100);
+        if (reply && gw_msg_id (reply) == GW_MSG_FINAL)
+            status = gw_msg_status (reply);
+        gw_msg_destroy (&reply);
+    }
+    assert (status == 204);
+    zsock_destroy (&feed);
+
+    //  Its timeout (5 ms) shortens the actor's sleep: ticks run far more
+    //  often than every 500 ms.
+    int ticks = s4->ticks;
+    zclock_sleep (300);
+    assert (s4->ticks - ticks >= 10);
+
+    //  A request parked when the actor ends is freed, not answered.
+    s_test_send (client, "s1,s4");
+    zclock_sleep (50);
     if (verbose)
-        printf ("\n    s1 %d, s2 %d requests", s1->requests, s2->requests);
+        printf ("\n    s1 %d, s2 %d requests; s4 %d inputs, %d ticks", s1->requests,
+            s2->requests, s4->inputs, s4->ticks);
 
     gw_envelope_destroy (&env);
     gw_client_destroy (&client);

@@ -9,9 +9,25 @@
 //  ends its turn.
 //
 //  Pipe commands (as every stage actor): CONNECT endpoint (signal 0/1:
-//  every hosted stage's session), CONFIGURE capacity|heartbeat|expiry value
-//  (signal; applies to every hosted stage, before CONNECT), CONFIGURE of a
-//  stage's own key, RELOAD (signal: 1 if any stage failed), VERBOSE, $TERM.
+//  every hosted stage's session, then each stage's connect), CONFIGURE
+//  capacity|heartbeat|expiry value (signal; applies to every hosted stage,
+//  before CONNECT), CONFIGURE of a stage's own key, RELOAD (signal: 1 if any
+//  stage failed), VERBOSE, $TERM.
+//
+//  A stage may wait for input of its own besides its session (a helper
+//  actor's pipe, a gw_client session to the bus): its class lists those
+//  sockets (sockets, asked again before every poll, so a socket replaced on
+//  a reconnect is followed), the actor polls them with the sessions and
+//  calls input for each one that is readable, and timeout shortens the
+//  actor's sleep for the stage's own timers (tick runs after every
+//  wake-up).
+//
+//  A stage that answers a request later (after its request callback
+//  returned, e.g. from input or tick) keeps the request's context with
+//  gw_stage_dup: the context names the session holding the request, which
+//  is the session of the stage that received it from the broker (with
+//  co-location, another stage's), and gw_stage_session / gw_stage_forward
+//  work on it as during the callback.
 //
 //  Threading: everything runs on the actor's thread, so a stage's state is
 //  touched by that thread only.
@@ -42,9 +58,32 @@ typedef struct {
     int (*command) (void *state, const char *command, const char *key, const char *value);
     //  Periodic work, after every wake-up (at least every 500 ms). May be NULL.
     void (*tick) (void *state);
-    //  Free the state.
+    //  Free the state. Runs before any session is destroyed, so contexts
+    //  kept with gw_stage_dup may be destroyed here (not answered).
     void (*destroy) (void **state_p);
+    //  After CONNECT made the stage's session: start what needs the bus
+    //  (endpoint), e.g. a gw_client session or a helper actor. Returns 0,
+    //  or -1 (CONNECT then signals 1). Called once. May be NULL.
+    int (*connect) (void *state, const char *endpoint);
+    //  The stage's own sockets to poll for input: write at most max of
+    //  them (GW_STAGE_SOCKETS_MAX) into sockets, return how many. Asked
+    //  before every poll and after every input call, so sockets may be
+    //  replaced or closed at any time by the stage. May be NULL.
+    size_t (*sockets) (void *state, zsock_t **sockets, size_t max);
+    //  One of those sockets is readable: read what is there without
+    //  blocking (it may be nothing by now); the actor polls again at once
+    //  while input waits. Answers and forwards of
+    //  requests kept with gw_stage_dup may happen here. May be NULL only
+    //  if sockets is.
+    void (*input) (void *state, zsock_t *socket);
+    //  Milliseconds until the stage's tick is due (0 = at once), or -1 when
+    //  it has no timer; the actor sleeps at most 500 ms regardless. May be
+    //  NULL.
+    long (*timeout) (void *state);
 } gw_stage_class_t;
+
+//  Most sockets one stage may list (sockets callback).
+#define GW_STAGE_SOCKETS_MAX 4
 
 //  The stages one actor runs: add each, then zactor_new (gw_stage_actor,
 //  host), which takes the host and every state in it.
@@ -56,13 +95,25 @@ void gw_stage_host_add (gw_stage_host_t *self, const gw_stage_class_t *cls, void
 //  The actor.
 void gw_stage_actor (zsock_t *pipe, void *args);
 
-//  During a request callback: the session holding the request (answer,
-//  error, credit and cancellation go there).
+//  During a request callback, or on a context from gw_stage_dup: the
+//  session holding the request (answer, error, credit and cancellation go
+//  there).
 gw_worker_t *gw_stage_session (gw_stage_t *stage);
+
+//  Keep a request's context past its callback (a request parked until
+//  something else happens): a copy of stage, which the caller owns and
+//  frees with gw_stage_destroy. Valid until the actor ends; the request
+//  itself stays the session's until answered or forwarded (or cancelled:
+//  check gw_worker_cancelled (gw_stage_session (copy), rid) first).
+gw_stage_t *gw_stage_dup (gw_stage_t *stage);
+
+//  Free a context from gw_stage_dup; nulls the reference. Idempotent.
+void gw_stage_destroy (gw_stage_t **self_p);
 
 //  Hand request on along its slip: to the next stage directly when this
 //  actor hosts it (gw_worker_pass), else FORWARD through the broker
-//  (gw_worker_forward). The caller keeps request and envelope. Returns 0,
+//  (gw_worker_forward). The caller keeps request and envelope. Works on a
+//  context from gw_stage_dup too (later, from input or tick). Returns 0,
 //  or -1 as gw_worker_forward.
 int gw_stage_forward (gw_stage_t *stage, gw_msg_t *request, gw_envelope_t *envelope);
 

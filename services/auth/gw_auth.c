@@ -922,8 +922,12 @@ s_stage_destroy (void **state_p)
     }
 }
 
-static const gw_stage_class_t s_class = {
-    "auth", GW_READY_IDEMPOTENT, s_request, s_command, s_tick, s_stage_destroy};
+static const gw_stage_class_t s_class = {.service = "auth",
+    .ready_flags = GW_READY_IDEMPOTENT,
+    .request = s_request,
+    .command = s_command,
+    .tick = s_tick,
+    .destroy = s_stage_destroy};
 
 void
 gw_auth_stage (gw_auth_t *auth, gw_stage_host_t *host)

@@ -13,9 +13,14 @@
 //  cannot be restarted or scaled alone (run extra aigw-<stage> processes for
 //  that). Separate processes (deploy/aigw.procs) stay the default.
 //
-//  auth and ratelimit run as one actor (gw_stage: one thread, a direct call
-//  from auth to ratelimit instead of a trip through the broker; each still
-//  its own service on the bus) unless AIGW_FUSE=0.
+//  auth, ratelimit and router run as one actor (gw_stage: one thread, a
+//  direct call from auth to ratelimit to router instead of two trips through
+//  the broker; each still its own service on the bus) unless AIGW_FUSE=0.
+//  Whichever two or three of them AIGW_STAGES lists are fused. The fused
+//  actor's sessions all take the capacity of its first stage in that order
+//  (AIGW_AUTH_CAPACITY, else AIGW_RATELIMIT_CAPACITY, else
+//  AIGW_ROUTER_CAPACITY): a request handed on inside the actor holds one
+//  credit of the first stage's session only.
 //
 //  Environment: AIGW_STAGES (comma-separated, default
 //  edge,auth,ratelimit,router,bridge,billing: which stages run inside),
@@ -66,29 +71,76 @@ s_launch (const char *stage)
     return gw_billing_launch (INPROC_BUS, gw_env ("DATABASE_URL", "var/aigw.db"));
 }
 
-//  auth and ratelimit as one actor (gw_stage): one thread, and a request
-//  that auth passes goes to ratelimit by a direct call instead of a trip
-//  through the broker; both stay services of their own on the bus.
-static zactor_t *
-s_launch_admission (void)
+//  The stages that may share one actor, in s_stages order, with the
+//  capacity variable of each.
+static const char *s_fusable[][2] = {{"auth", "AIGW_AUTH_CAPACITY"},
+    {"ratelimit", "AIGW_RATELIMIT_CAPACITY"}, {"router", "AIGW_ROUTER_CAPACITY"}};
+#define FUSABLE (sizeof (s_fusable) / sizeof (s_fusable[0]))
+
+//  True if stage is fused: fusing is on and stage is one of at least two
+//  fusable stages in list.
+static bool
+s_fused (const char *list, const char *stage)
 {
-    gw_auth_t *auth = gw_auth_new_env ();
-    if (!auth)
-        return NULL;
-    gw_ratelimit_t *ratelimit = gw_ratelimit_new_env ();
-    if (!ratelimit) {
-        gw_auth_destroy (&auth);
-        return NULL;
-    }
+    if (streq (gw_env ("AIGW_FUSE", "1"), "0"))
+        return false;
+    size_t listed = 0;
+    bool member = false;
+    for (size_t i = 0; i < FUSABLE; i++)
+        if (s_listed (list, s_fusable[i][0])) {
+            listed++;
+            member |= streq (stage, s_fusable[i][0]);
+        }
+    return member && listed >= 2;
+}
+
+//  The fused stages of list as one actor (gw_stage): one thread, and a
+//  request that one passes to the next goes there by a direct call instead
+//  of a trip through the broker; each stays a service of its own on the
+//  bus.
+static zactor_t *
+s_launch_fused (const char *list)
+{
     gw_stage_host_t *host = gw_stage_host_new ();
-    gw_auth_stage (auth, host);
-    gw_ratelimit_stage (ratelimit, host);
+    char name[64] = "";
+    const char *capacity = s_fusable[0][1];  //  the first fused stage's
+    for (size_t i = 0; i < FUSABLE; i++) {
+        const char *stage = s_fusable[i][0];
+        if (!s_listed (list, stage))
+            continue;
+        if (streq (stage, "auth")) {
+            gw_auth_t *auth = gw_auth_new_env ();
+            if (!auth)
+                goto failed;
+            gw_auth_stage (auth, host);
+        }
+        else if (streq (stage, "ratelimit")) {
+            gw_ratelimit_t *ratelimit = gw_ratelimit_new_env ();
+            if (!ratelimit)
+                goto failed;
+            gw_ratelimit_stage (ratelimit, host);
+        }
+        else {
+            gw_channels_t *channels = gw_router_channels_env ();
+            if (!channels)
+                goto failed;
+            gw_router_stage (channels, host);
+        }
+        if (!*name)
+            capacity = s_fusable[i][1];
+        snprintf (name + strlen (name), sizeof (name) - strlen (name), "%s%s",
+            *name ? "+" : "", stage);
+    }
     zactor_t *actor = zactor_new (gw_stage_actor, host);  //  takes the host
     assert (actor);
-    gw_actor_configure_int (
-        actor, "capacity", gw_env_int ("AIGW_AUTH_CAPACITY", 1024, 1, 65535));
+    gw_actor_configure_int (actor, "capacity", gw_env_int (capacity, 1024, 1, 65535));
     gw_actor_configure_session (actor);
-    return gw_actor_connect (actor, INPROC_BUS, "auth+ratelimit");
+    if (s_listed (list, "router"))
+        gw_router_configure_env (actor);
+    return gw_actor_connect (actor, INPROC_BUS, name);
+failed:
+    gw_stage_host_destroy (&host);
+    return NULL;
 }
 
 //  Bind the broker to endpoint; 0 or -1 after logging.
@@ -154,14 +206,21 @@ main (int argc, char *argv[])
         s_bind (broker, "BIND", gw_env ("AIGW_BUS", "tcp://127.0.0.1:5555")) ||
         s_bind (broker, "TAP", gw_env ("AIGW_TAP", "tcp://127.0.0.1:5556")))
         goto done;
-    //  auth and ratelimit share a thread unless AIGW_FUSE=0.
-    bool fuse = s_listed (list, "auth") && s_listed (list, "ratelimit") &&
-        !streq (gw_env ("AIGW_FUSE", "1"), "0");
+    //  auth, ratelimit and router share a thread unless AIGW_FUSE=0: the
+    //  actor takes the slot of the first of them (auth's or ratelimit's
+    //  slot gets SIGHUP's RELOAD).
+    bool fused = false;
     for (size_t i = 0; i < STAGES; i++) {
-        if (!s_listed (list, s_stages[i]) || (fuse && streq (s_stages[i], "ratelimit")))
+        if (!s_listed (list, s_stages[i]))
             continue;
-        actors[i] = fuse && streq (s_stages[i], "auth") ? s_launch_admission ()
-                                                        : s_launch (s_stages[i]);
+        if (s_fused (list, s_stages[i])) {
+            if (fused)
+                continue;
+            fused = true;
+            actors[i] = s_launch_fused (list);
+        }
+        else
+            actors[i] = s_launch (s_stages[i]);
         if (!actors[i])
             goto done;
     }

@@ -1647,8 +1647,12 @@ s_stage_destroy (void **state_p)
     }
 }
 
-static const gw_stage_class_t s_class = {
-    "ratelimit", GW_READY_IDEMPOTENT, s_request, s_command, s_tick, s_stage_destroy};
+static const gw_stage_class_t s_class = {.service = "ratelimit",
+    .ready_flags = GW_READY_IDEMPOTENT,
+    .request = s_request,
+    .command = s_command,
+    .tick = s_tick,
+    .destroy = s_stage_destroy};
 
 void
 gw_ratelimit_stage (gw_ratelimit_t *stage, gw_stage_host_t *host)

@@ -275,29 +275,46 @@ s_discovery_actor (zsock_t *pipe, void *args)
 //  The router actor
 
 typedef struct {
-    zsock_t *pipe;  //  actor pipe
     gw_channels_t *channels;  //  channel table, owned
-    gw_worker_t *worker;  //  session for "router", NULL before CONNECT
+    gw_stage_t *current;  //  the request being handled: its context
+    gw_worker_t *worker;  //  and the session holding it (gw_stage_session)
     zactor_t *discovery;  //  discovery child, NULL if nothing to discover
     gw_envelope_t *envelope;  //  reused for every request
     msgpack_sbuffer sbuf;  //  reused for plans and model lists
     int64_t created;  //  unix s, "created" of listed models
     int refresh_s;  //  discovery period, seconds
-    uint32_t capacity;  //  READY capacity
     bool local_models;  //  route local/<name> to model.<name>
     char *local_admin;  //  groups allowed to manage local models (csv), NULL = any
     gw_client_t *bus;  //  gw.services session, NULL unless local_models
     zhashx_t *local;  //  served local model names (of model.<name> services)
-    zlistx_t *parked;  //  gw_msg_t * for models not in local, awaiting a refresh
+    zlistx_t *parked;  //  s_parked_t * for models not in local, awaiting a refresh
     int64_t local_next;  //  mono ms of the next gw.services query
     uint8_t local_rid[16];  //  rid of the query in flight
     bool local_asking;  //  a query is in flight
     bool local_known;  //  local came from a successful query
     bool verbose;  //  log decisions
-    bool terminated;  //  $TERM received
 } s_router_t;
 
-//  Copy text into out (out_size > 4), cut at a UTF-8 boundary.
+//  A request waiting for a fresh local-model list, with its context: the
+//  session holding it is the one that received it (with co-location,
+//  auth's), and the answer or forward goes there.
+typedef struct {
+    gw_msg_t *request;  //  a copy, owned
+    gw_stage_t *stage;  //  its context (gw_stage_dup), owned
+} s_parked_t;
+
+static void
+s_parked_destroy (s_parked_t **self_p)
+{
+    s_parked_t *self = *self_p;
+    if (self) {
+        gw_msg_destroy (&self->request);
+        gw_stage_destroy (&self->stage);
+        free (self);
+        *self_p = NULL;
+    }
+}
+
 static void
 s_start_discovery (s_router_t *self)
 {
@@ -561,7 +578,7 @@ s_forward (s_router_t *self, gw_msg_t *request, const char *service)
             "The gateway could not route this request (routing slip full).");
         return;
     }
-    if (gw_worker_forward (self->worker, request, self->envelope) &&
+    if (gw_stage_forward (self->current, request, self->envelope) &&
         !gw_worker_cancelled (self->worker, gw_msg_rid (request)))
         gw_worker_error (self->worker, gw_msg_rid (request), 500, "server_error",
             "routing_failed", "The gateway could not forward this request.");
@@ -584,7 +601,11 @@ s_local_route (s_router_t *self, gw_msg_t *request, const char *name, bool may_p
     bool served = valid && zhashx_lookup (self->local, name);
     if (valid && !served && may_park && self->bus &&
         zlistx_size (self->parked) < LOCAL_PARKED_MAX) {
-        zlistx_add_end (self->parked, gw_msg_dup (request));
+        s_parked_t *parked = (s_parked_t *)zmalloc (sizeof (s_parked_t));
+        assert (parked);
+        parked->request = gw_msg_dup (request);
+        parked->stage = gw_stage_dup (self->current);
+        zlistx_add_end (self->parked, parked);
         if (!self->local_asking)
             s_local_ask (self);
         return;
@@ -609,8 +630,13 @@ s_local_route (s_router_t *self, gw_msg_t *request, const char *name, bool may_p
 static void
 s_local_resolve (s_router_t *self)
 {
+    gw_stage_t *outer = self->current;  //  resolving may run inside a request
+    gw_worker_t *outer_worker = self->worker;
     while (zlistx_first (self->parked)) {
-        gw_msg_t *request = (gw_msg_t *)zlistx_detach_cur (self->parked);
+        s_parked_t *parked = (s_parked_t *)zlistx_detach_cur (self->parked);
+        gw_msg_t *request = parked->request;
+        self->current = parked->stage;
+        self->worker = gw_stage_session (parked->stage);
         const uint8_t *rid = gw_msg_rid (request);
         zframe_t *frame = gw_msg_envelope (request);
         if (!gw_worker_cancelled (self->worker, rid) && frame &&
@@ -623,8 +649,10 @@ s_local_resolve (s_router_t *self)
                 gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
                     "The gateway could not route this request.");
         }
-        gw_msg_destroy (&request);
+        s_parked_destroy (&parked);
     }
+    self->current = outer;
+    self->worker = outer_worker;
 }
 
 //  Send a gw.services query; if it cannot leave, decide the parked requests.
@@ -782,166 +810,194 @@ s_handle (s_router_t *self, gw_msg_t *request)
     s_forward (self, request, "bridge");
 }
 
+//  --------------------------------------------------------------------------
+//  The stage, as gw_stage_actor runs it (alone, or co-located with auth and
+//  ratelimit in aigw-gateway). Besides its session it reads the discovery
+//  child's pipe and the gw.services client's socket (both listed in
+//  s_sockets), and answers parked requests from there, on the session that
+//  holds each one.
+
 static void
-s_on_worker (s_router_t *self)
+s_request (void *state, gw_stage_t *stage, gw_msg_t *request)
 {
-    gw_msg_t *msg;
-    while ((msg = gw_worker_recv (self->worker))) {
-        if (gw_msg_id (msg) == GW_MSG_REQUEST)
-            s_handle (self, msg);
-        else if (gw_msg_id (msg) == GW_MSG_CANCEL)
-            gw_worker_final (self->worker, gw_msg_rid (msg), 499, NULL, NULL);
-        gw_msg_destroy (&msg);
+    s_router_t *self = (s_router_t *)state;
+    gw_stage_t *outer = self->current;  //  a hand-off may come back here
+    gw_worker_t *outer_worker = self->worker;
+    self->current = stage;
+    self->worker = gw_stage_session (stage);
+    s_handle (self, request);
+    self->current = outer;
+    self->worker = outer_worker;
+}
+
+static int
+s_command (void *state, const char *command, const char *key, const char *value)
+{
+    s_router_t *self = (s_router_t *)state;
+    if (streq (command, "VERBOSE")) {
+        self->verbose = true;
+        return -1;
     }
+    if (!streq (command, "CONFIGURE") || !key || !value)
+        return -1;
+    char *end = NULL;
+    long long number = strtoll (value, &end, 10);
+    bool valid = *value && end && *end == 0;
+    if (streq (key, "local_admin_groups")) {
+        //  A comma-separated list of groups; empty = any authenticated key.
+        zstr_free (&self->local_admin);
+        if (*value)
+            self->local_admin = strdup (value);
+        return 0;
+    }
+    if (streq (key, "refresh_s")) {
+        if (!valid || number < 1 || number > 86400)
+            return 1;
+        self->refresh_s = (int)number;
+        return 0;
+    }
+    if (streq (key, "local_models")) {
+        if (!valid || (number != 0 && number != 1))
+            return 1;
+        self->local_models = number == 1;
+        return 0;
+    }
+    if (streq (key, "seed")) {
+        if (!valid)
+            return 1;
+        gw_channels_seed (self->channels, (uint64_t)number);
+        return 0;
+    }
+    return -1;
+}
+
+//  CONNECT: the gw.services session (local models) and discovery.
+static int
+s_connect (void *state, const char *endpoint)
+{
+    s_router_t *self = (s_router_t *)state;
+    if (self->local_models && !self->bus) {
+        self->bus = gw_client_new (endpoint);
+        if (self->bus)
+            gw_info ("router: routing local/<name> to model.<name>; served models "
+                     "learnt from gw.services every %d ms",
+                LOCAL_REFRESH_MS);
+    }
+    if (!self->discovery)
+        s_start_discovery (self);
+    return 0;
+}
+
+static size_t
+s_sockets (void *state, zsock_t **sockets, size_t max)
+{
+    s_router_t *self = (s_router_t *)state;
+    size_t count = 0;
+    if (self->discovery && count < max)
+        sockets[count++] = zactor_sock (self->discovery);
+    if (self->bus && count < max)
+        sockets[count++] = gw_client_socket (self->bus);  //  replaced on reconnect
+    return count;
 }
 
 static void
-s_on_pipe (s_router_t *self)
+s_input (void *state, zsock_t *socket)
 {
-    zmsg_t *msg = zmsg_recv (self->pipe);
-    if (!msg) {
-        self->terminated = true;
-        return;
+    s_router_t *self = (s_router_t *)state;
+    if (self->discovery && socket == zactor_sock (self->discovery)) {
+        while (zsock_events (socket) & ZMQ_POLLIN)
+            s_on_discovery (self);
     }
-    char *command = zmsg_popstr (msg);
-    if (!command || streq (command, "$TERM"))
-        self->terminated = true;
-    else if (streq (command, "VERBOSE"))
-        self->verbose = true;
-    else if (streq (command, "CONNECT")) {
-        char *endpoint = zmsg_popstr (msg);
-        if (!self->worker && endpoint)
-            self->worker =
-                gw_worker_new (endpoint, "router", self->capacity, GW_READY_IDEMPOTENT);
-        if (self->worker && self->local_models && !self->bus && endpoint) {
-            self->bus = gw_client_new (endpoint);
-            if (self->bus)
-                gw_info ("router: routing local/<name> to model.<name>; served models "
-                         "learnt from gw.services every %d ms",
-                    LOCAL_REFRESH_MS);
-        }
-        zsock_signal (self->pipe, self->worker ? 0 : 1);
-        if (self->worker && !self->discovery)
-            s_start_discovery (self);
-        zstr_free (&endpoint);
+    else if (self->bus)
+        s_local_tick (self);
+}
+
+static void
+s_tick (void *state)
+{
+    s_router_t *self = (s_router_t *)state;
+    if (self->bus)
+        s_local_tick (self);
+}
+
+//  The gw.services client's timers, and the next query when none is in
+//  flight.
+static long
+s_timeout (void *state)
+{
+    s_router_t *self = (s_router_t *)state;
+    if (!self->bus)
+        return -1;
+    long due = gw_client_timeout (self->bus);
+    if (!self->local_asking) {
+        int64_t next = self->local_next - gw_mono_ms ();
+        due = next < due ? (next > 0 ? (long)next : 0) : due;
     }
-    else if (streq (command, "CONFIGURE")) {
-        char *key = zmsg_popstr (msg);
-        char *value = zmsg_popstr (msg);
-        char *end = NULL;
-        long long number = value ? strtoll (value, &end, 10) : 0;
-        bool valid = value && *value && end && *end == 0;
-        int rc = 1;
-        if (key && value && streq (key, "local_admin_groups")) {
-            //  A comma-separated list of groups; empty = any authenticated key.
-            zstr_free (&self->local_admin);
-            if (*value)
-                self->local_admin = strdup (value);
-            rc = 0;
-        }
-        else if (key && valid) {
-            if (streq (key, "refresh_s") && number >= 1 && number <= 86400) {
-                self->refresh_s = (int)number;
-                rc = 0;
-            }
-            else if (streq (key, "capacity") && number >= 1 && number <= 65535) {
-                self->capacity = (uint32_t)number;
-                rc = 0;
-            }
-            else if (streq (key, "local_models") && (number == 0 || number == 1)) {
-                self->local_models = number == 1;
-                rc = 0;
-            }
-            else if (streq (key, "seed")) {
-                gw_channels_seed (self->channels, (uint64_t)number);
-                rc = 0;
-            }
-        }
-        zsock_signal (self->pipe, (byte)rc);
-        zstr_free (&key);
-        zstr_free (&value);
+    return due;
+}
+
+static void
+s_stage_destroy (void **state_p)
+{
+    s_router_t *self = (s_router_t *)*state_p;
+    if (self) {
+        zlistx_destroy (&self->parked);
+        zhashx_destroy (&self->local);
+        gw_client_destroy (&self->bus);
+        zstr_free (&self->local_admin);
+        zactor_destroy (&self->discovery);
+        gw_envelope_destroy (&self->envelope);
+        msgpack_sbuffer_destroy (&self->sbuf);
+        gw_channels_destroy (&self->channels);
+        free (self);
+        *state_p = NULL;
     }
-    else
-        gw_warn ("router: unknown command %s", command);
-    zstr_free (&command);
-    zmsg_destroy (&msg);
+}
+
+static const gw_stage_class_t s_class = {.service = "router",
+    .ready_flags = GW_READY_IDEMPOTENT,
+    .request = s_request,
+    .command = s_command,
+    .tick = s_tick,
+    .destroy = s_stage_destroy,
+    .connect = s_connect,
+    .sockets = s_sockets,
+    .input = s_input,
+    .timeout = s_timeout};
+
+void
+gw_router_stage (gw_channels_t *channels, gw_stage_host_t *host)
+{
+    assert (host);
+    s_router_t *self = (s_router_t *)zmalloc (sizeof (s_router_t));
+    assert (self);
+    self->channels = channels ? channels : gw_channels_new ();
+    self->envelope = gw_envelope_new ();
+    msgpack_sbuffer_init (&self->sbuf);
+    self->created = gw_time_ms () / 1000;
+    self->refresh_s = 300;
+    self->local = zhashx_new ();
+    assert (self->local);
+    self->parked = zlistx_new ();
+    assert (self->parked);
+    zlistx_set_destructor (self->parked, (zlistx_destructor_fn *)s_parked_destroy);
+    gw_stage_host_add (host, &s_class, self);
 }
 
 void
 gw_router_actor (zsock_t *pipe, void *args)
 {
-    gw_thread_name ("aigw-router");
-    s_router_t self = {0};
-    self.pipe = pipe;
-    self.channels = args ? (gw_channels_t *)args : gw_channels_new ();
-    self.envelope = gw_envelope_new ();
-    msgpack_sbuffer_init (&self.sbuf);
-    self.created = gw_time_ms () / 1000;
-    self.refresh_s = 300;
-    self.capacity = 1024;
-    self.local = zhashx_new ();
-    assert (self.local);
-    self.parked = zlistx_new ();
-    assert (self.parked);
-    zlistx_set_destructor (self.parked, (zlistx_destructor_fn *)gw_msg_destroy);
-    zsock_signal (pipe, 0);
-
-    while (!self.terminated) {
-        zmq_pollitem_t items[4];
-        int count = 0;
-        items[count++] = (zmq_pollitem_t){zsock_resolve (pipe), 0, ZMQ_POLLIN, 0};
-        if (self.worker)
-            items[count++] = (zmq_pollitem_t){
-                zsock_resolve (gw_worker_socket (self.worker)), 0, ZMQ_POLLIN, 0};
-        if (self.discovery)
-            items[count++] =
-                (zmq_pollitem_t){zsock_resolve (self.discovery), 0, ZMQ_POLLIN, 0};
-        long timeout = self.worker ? gw_worker_timeout (self.worker) : -1;
-        if (self.bus) {
-            items[count++] = (zmq_pollitem_t){
-                zsock_resolve (gw_client_socket (self.bus)), 0, ZMQ_POLLIN, 0};
-            long due = gw_client_timeout (self.bus);
-            if (!self.local_asking) {
-                int64_t next = self.local_next - gw_mono_ms ();
-                due = next < due ? (next > 0 ? (long)next : 0) : due;
-            }
-            timeout = timeout < 0 || due < timeout ? due : timeout;
-        }
-        if (zmq_poll (items, count, timeout) < 0) {
-            if (zmq_errno () == EINTR)
-                continue;  //  a signal: the main decides what it means
-            break;  //  the context is going away
-        }
-        if (items[0].revents & ZMQ_POLLIN)
-            s_on_pipe (&self);
-        if (self.terminated)
-            break;
-        if (self.discovery && (zsock_events (self.discovery) & ZMQ_POLLIN))
-            s_on_discovery (&self);
-        if (self.worker) {
-            s_on_worker (&self);
-            gw_worker_tick (self.worker);
-        }
-        if (self.bus)
-            s_local_tick (&self);
-    }
-    zlistx_destroy (&self.parked);
-    zhashx_destroy (&self.local);
-    gw_client_destroy (&self.bus);
-    zstr_free (&self.local_admin);
-    zactor_destroy (&self.discovery);
-    gw_worker_destroy (&self.worker);
-    gw_envelope_destroy (&self.envelope);
-    msgpack_sbuffer_destroy (&self.sbuf);
-    gw_channels_destroy (&self.channels);
+    gw_stage_host_t *host = gw_stage_host_new ();
+    gw_router_stage ((gw_channels_t *)args, host);
+    gw_stage_actor (pipe, host);
 }
 
 //  --------------------------------------------------------------------------
 //  Start the router stage configured from the environment (aigw-router's
 //  variables) and connect it to bus. NULL after logging why.
 
-zactor_t *
-gw_router_launch (const char *bus)
+gw_channels_t *
+gw_router_channels_env (void)
 {
     gw_channels_t *channels = gw_channels_new ();
     char error[640];
@@ -967,17 +1023,33 @@ gw_router_launch (const char *bus)
         gw_info ("router: channel %s -> %s%s", gw_channels_id (channels, i),
             gw_channels_base_url (channels, i),
             gw_channels_discovers (channels, i) ? " (models discovered)" : "");
+    return channels;
+}
 
+int
+gw_router_configure_env (zactor_t *actor)
+{
+    assert (actor);
+    return gw_actor_configure_int (
+               actor, "refresh_s", gw_env_int ("AIGW_MODELS_REFRESH_S", 300, 1, 86400)) |
+        gw_actor_configure (actor, "local_models",
+            streq (gw_env ("AIGW_LOCAL_MODELS", "0"), "1") ? "1" : "0") |
+        gw_actor_configure (
+            actor, "local_admin_groups", gw_env ("AIGW_LOCAL_ADMIN_GROUPS", ""));
+}
+
+zactor_t *
+gw_router_launch (const char *bus)
+{
+    gw_channels_t *channels = gw_router_channels_env ();
+    if (!channels)
+        return NULL;
     zactor_t *actor = zactor_new (gw_router_actor, channels);  //  takes channels
     assert (actor);
     gw_actor_configure_int (
-        actor, "refresh_s", gw_env_int ("AIGW_MODELS_REFRESH_S", 300, 1, 86400));
-    gw_actor_configure_int (
         actor, "capacity", gw_env_int ("AIGW_ROUTER_CAPACITY", 1024, 1, 65535));
-    gw_actor_configure (actor, "local_models",
-        streq (gw_env ("AIGW_LOCAL_MODELS", "0"), "1") ? "1" : "0");
-    gw_actor_configure (
-        actor, "local_admin_groups", gw_env ("AIGW_LOCAL_ADMIN_GROUPS", ""));
+    gw_router_configure_env (actor);
+    gw_actor_configure_session (actor);
     return gw_actor_connect (actor, bus, "router");
 }
 
@@ -1337,11 +1409,60 @@ gw_router_test (bool verbose)
     assert (gw_msg_status (reply) == 503);
     gw_msg_destroy (&reply);
 
+    //  Co-located (aigw-gateway's fuse): auth and router in one actor. A
+    //  request reaches the router by a direct call, and one parked for a
+    //  local-model refresh is answered later on auth's session, which
+    //  holds it.
+    zactor_destroy (&auth_actor);
+    zactor_destroy (&router);
+    channels = gw_channels_new ();
+    rc = gw_channels_load (channels, config, strlen (config), error, sizeof (error));
+    assert (rc == 0);
+    auth = gw_auth_new ();
+    assert (gw_auth_add_keys (auth, "sk-good") == 1);
+    gw_stage_host_t *host = gw_stage_host_new ();
+    gw_auth_stage (auth, host);
+    gw_router_stage (channels, host);
+    zactor_t *fused = zactor_new (gw_stage_actor, host);
+    assert (fused);
+    assert (gw_actor_configure (fused, "local_models", "1") == 0);
+    assert (gw_actor_configure (fused, "refresh_s", "0") == -1);
+    zstr_sendx (fused, "CONNECT", endpoint, NULL);
+    assert (zsock_wait (fused) == 0);
+    reply = s_call (&rig, "chat", "m", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 200);
+    echo = gw_msg_body (reply);
+    assert (gw_envelope_decode (env, zframe_data (echo), zframe_size (echo)) == 0);
+    assert (streq (s_plan_field (env, 0, "id", text, sizeof (text)), "a"));
+    assert (gw_envelope_timings (env) == 2);
+    assert (streq (gw_envelope_timing (env, 0, NULL, NULL), "auth"));
+    assert (streq (gw_envelope_timing (env, 1, NULL, NULL), "router"));
+    gw_msg_destroy (&reply);
+    int64_t started = gw_mono_ms ();
+    reply = s_call (&rig, "chat", "local/nope", "Bearer sk-good");
+    assert (gw_msg_status (reply) == 404);
+    assert (streq (s_error_code (reply, text, sizeof (text)), "model_not_found"));
+    assert (gw_mono_ms () - started < 2000);  //  not the deadline's 504
+    gw_msg_destroy (&reply);
+    bridge = rig.bridge;
+    rig.bridge = gw_worker_new (endpoint, "model.tiny", 4, 0);
+    assert (rig.bridge);
+    served = false;
+    for (int attempt = 0; attempt < 100 && !served; attempt++) {
+        reply = s_call (&rig, "chat", "local/tiny", "Bearer sk-good");
+        served = gw_msg_status (reply) == 200;
+        gw_msg_destroy (&reply);
+        if (!served)
+            zclock_sleep (20);
+    }
+    assert (served);
+    gw_worker_destroy (&rig.bridge);
+    rig.bridge = bridge;
+    zactor_destroy (&fused);
+
     gw_envelope_destroy (&env);
     gw_client_destroy (&rig.client);
     gw_worker_destroy (&rig.bridge);
-    zactor_destroy (&auth_actor);
-    zactor_destroy (&router);
     zactor_destroy (&broker);
     zstr_free (&endpoint);
     mg_stop (web);

@@ -23,8 +23,16 @@
 //    VERBOSE              log every routing decision at debug level.
 //    $TERM                end the actor.
 //
+//  The actor is gw_stage_actor with the router stage alone (so it takes
+//  gw_stage's commands too: CONFIGURE heartbeat|expiry, RELOAD answers 0);
+//  gw_router_stage adds the stage to a host shared with other stages
+//  (aigw-gateway co-locates auth, ratelimit and router in one thread).
+//
 //  Threading: the actor's thread owns the channels and the worker session;
-//  discovery runs in a child actor and reports over its pipe.
+//  discovery runs in a child actor and reports over its pipe, which the
+//  actor polls as one of the stage's own sockets, as it does the gw.services
+//  client session. A request parked for a local-model refresh is answered
+//  later on the session that received it (auth's, when co-located).
 
 #ifndef GW_ROUTER_H_INCLUDED
 #define GW_ROUTER_H_INCLUDED
@@ -32,8 +40,26 @@
 #include <czmq.h>
 #include <stdbool.h>
 
+typedef struct _gw_channels_t gw_channels_t;
+typedef struct _gw_stage_host_t gw_stage_host_t;
+
 //  The router actor; args is a gw_channels_t * handed over, or NULL.
 void gw_router_actor (zsock_t *pipe, void *args);
+
+//  Add the router stage over channels (taken; NULL = none) to a gw_stage
+//  host: how gw_router_actor runs it, and how aigw-gateway co-locates it.
+//  Its settings are CONFIGURE commands to the host's actor (see above).
+void gw_router_stage (gw_channels_t *channels, gw_stage_host_t *host);
+
+//  The channel table from the environment (AIGW_CHANNELS_FILE,
+//  TARGET_API_URL, TARGET_API_KEY, AIGW_TARGET_MODELS), each channel
+//  logged. NULL after logging why (a bad channel file).
+gw_channels_t *gw_router_channels_env (void);
+
+//  Send the router's settings from the environment (AIGW_MODELS_REFRESH_S,
+//  AIGW_LOCAL_MODELS, AIGW_LOCAL_ADMIN_GROUPS) to actor, which hosts the
+//  router stage, before CONNECT. Returns 0, or -1 if one was refused.
+int gw_router_configure_env (zactor_t *actor);
 
 //  Start the router stage configured from the environment (AIGW_CHANNELS_FILE,
 //  TARGET_API_URL, TARGET_API_KEY, AIGW_TARGET_MODELS, AIGW_MODELS_REFRESH_S,

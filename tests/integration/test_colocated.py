@@ -7,7 +7,9 @@ answers chat completions (plain and streamed) with the same headers as the
 separate processes, bills them into the ledger, enforces the request limit,
 takes a separate aigw-auth replica that joins over tcp, reloads its keys file
 on SIGHUP, refuses an unknown stage name in AIGW_STAGES, and stops cleanly on
-SIGTERM.
+SIGTERM; auth, ratelimit and router share one thread (AIGW_FUSE), with a
+request handed from one to the next without the broker, local-model requests
+parked by the router included.
 
 Run: tests/harness/services.sh /usr/bin/python3 -m pytest -q -p no:cacheprovider \\
      tests/integration/test_colocated.py   (with AIGW_BUILD set)
@@ -115,14 +117,25 @@ def test_bad_stage_list_and_clean_stop(make_mock, make_gateway) -> None:
     assert "gateway: stopping" in gw.colocated_proc.output()
 
 
+def _tap_topics(tap) -> Dict[str, List[str]]:
+    """The topics the tap printed so far, per request id, in order."""
+    topics: Dict[str, List[str]] = {}
+    for line in list(tap.lines):
+        if line.startswith("{"):
+            doc = json.loads(line)
+            topics.setdefault(doc["rid"], []).append(doc["topic"])
+    return topics
+
+
 @pytest.mark.parametrize("fuse", ["1", "0"])
-def test_auth_hands_to_ratelimit_in_its_thread(make_mock, make_gateway, procs,
-                                               fuse: str) -> None:
-    """Co-located auth and ratelimit run as one actor: a request auth passes
-    reaches ratelimit by a direct call, so the bus (aigw-tap) sees the
-    request's REQUEST for auth and then its FORWARD to the router, with no
-    FORWARD to ratelimit in between; ratelimit still decided (the
-    x-ratelimit headers). AIGW_FUSE=0 keeps the trip through the broker."""
+def test_admission_and_router_in_one_thread(make_mock, make_gateway, procs,
+                                            fuse: str) -> None:
+    """Co-located auth, ratelimit and router run as one actor: a request auth
+    passes reaches ratelimit and then the router by direct calls, so the bus
+    (aigw-tap) sees the request's REQUEST for auth and then its FORWARD to
+    the bridge, with no FORWARD to ratelimit or the router in between; both
+    still decided (the x-ratelimit headers, the channel the router chose).
+    AIGW_FUSE=0 keeps the trips through the broker."""
     mock = make_mock()
     gw = make_gateway([channel("a", mock)], colocated=ALL,
                       env={"RATE_LIMIT_REQUESTS_PER_MINUTE": "1000", "AIGW_FUSE": fuse})
@@ -133,17 +146,53 @@ def test_auth_hands_to_ratelimit_in_its_thread(make_mock, make_gateway, procs,
     def seen_whole_request() -> bool:
         status, headers, _ = gw.chat(content="hello")
         assert status == 200 and headers.get("x-ratelimit-limit-requests") == "1000"
+        assert headers.get("x-aigw-channel") == "a"
         topics.clear()
-        for line in list(tap.lines):
-            if line.startswith("{"):
-                doc = json.loads(line)
-                topics.setdefault(doc["rid"], []).append(doc["topic"])
+        topics.update(_tap_topics(tap))
         return any(t[0] == "auth.REQUEST" and t[-1] == "bridge.FINAL"
                    for t in topics.values())
     wait_for(seen_whole_request, 10, "the tap to see one whole request", interval=0.1)
     whole = [t for t in topics.values() if t[0] == "auth.REQUEST" and t[-1] == "bridge.FINAL"]
-    expected = (["auth.REQUEST", "router.FORWARD", "bridge.FORWARD", "bridge.FINAL"]
+    expected = (["auth.REQUEST", "bridge.FORWARD", "bridge.FINAL"]
                 if fuse == "1" else
                 ["auth.REQUEST", "ratelimit.FORWARD", "router.FORWARD", "bridge.FORWARD",
                  "bridge.FINAL"])
     assert whole[0] == expected, whole
+
+
+def test_fused_router_parks_local_model_requests(make_gateway, make_model_worker,
+                                                 procs) -> None:
+    """With the router fused into auth's thread, a request for a local model
+    the router does not know yet is parked until a fresh list from
+    gw.services and answered then on the session that received it (auth's):
+    an unknown name is a quick 404, not the broker's 504 or 503, and a model
+    whose worker has just started is found and served."""
+    gw = make_gateway([], colocated=ALL, env={"AIGW_LOCAL_MODELS": "1"})
+    tap = procs.start("aigw-tap", [str(BUILD / "aigw-tap"), "--tap", gw.broker.tap, "--json",
+                                   "--timeout-ms", "3000"])
+    for model in ("local/nope", "local/tiny"):
+        started = time.monotonic()
+        status, _, body = gw.request("POST", "/v1/chat/completions", chat(model=model))
+        assert status == 404, (model, body)
+        assert assert_openai_error(body, status)["code"] == "model_not_found"
+        assert time.monotonic() - started < 0.9
+
+    make_model_worker(gw.broker, models="tiny")
+    status, _, body = 0, {}, b""
+
+    def served() -> bool:
+        nonlocal status, body
+        status, _, body = gw.request("POST", "/v1/chat/completions",
+                                     chat(model="local/tiny", max_tokens=4))
+        assert status in (200, 404), body
+        return status == 200
+    wait_for(served, 10, "local/tiny served", interval=0.1)
+    assert json.loads(body)["model"] == "local/tiny"
+
+    def seen() -> bool:
+        return any(t[0] == "auth.REQUEST" and t[-1] == "model.tiny.FINAL"
+                   for t in _tap_topics(tap).values())
+    wait_for(seen, 5, "the tap to see the local request", interval=0.1)
+    whole = [t for t in _tap_topics(tap).values()
+             if t[0] == "auth.REQUEST" and t[-1] == "model.tiny.FINAL"]
+    assert whole[0] == ["auth.REQUEST", "model.tiny.FORWARD", "model.tiny.FINAL"], whole
