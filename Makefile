@@ -120,7 +120,7 @@ bench: deps all
 build-fuzz/%: tests/fuzz/%.c $(CLASS_SRC) $(HEADERS)
 	@mkdir -p build-fuzz
 	clang -std=gnu11 -g -O1 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -Iproto -Ibroker \
-	    $(PKG_CFLAGS) $< $(filter proto/%,$(CLASS_SRC)) -o $@ $(PKG_LIBS)
+	    $(PKG_CFLAGS) $< $(filter proto/% broker/%,$(CLASS_SRC)) -o $@ $(PKG_LIBS)
 
 fuzz: deps $(FUZZERS)
 	@set -e; for f in $(FUZZERS); do \
