@@ -22,7 +22,7 @@
 //  in whatever request is next. A 400 to a whole batch (a billing that
 //  predates batches) resends its events one per request and keeps to the
 //  single form for SINGLE_MS. At most INFLIGHT_MAX requests are in flight;
-//  the rest stay ready.
+//  (INFLIGHT_EVENTS_MAX events); the rest stay ready.
 //
 //  File: "<name>-<host>-<pid>-<random>.spool", append-only records after an
 //  8-byte magic "GWSPOOL1":
@@ -64,6 +64,7 @@
 #define MAGIC "GWSPOOL1"
 #define MAGIC_SIZE 8
 #define INFLIGHT_MAX 512  //  requests in flight to billing at once
+#define INFLIGHT_EVENTS_MAX 8192  //  events in those requests, at most
 #define BATCH_BYTES (GW_USAGE_BATCH_BYTES - 64)  //  event bytes per request
 #define SINGLE_MS 60000  //  single form only, after a batch was refused
 #define COMPACT_BYTES (4 * 1024 * 1024)  //  compaction threshold, bytes
@@ -104,6 +105,7 @@ struct _gw_usage_t {
     zhashx_t *flights;  //  grid -> s_flight_t (owned)
     zlistx_t *ready;  //  s_event_t to send this turn (borrowed)
     int64_t single_until;  //  mono ms: single form only until then
+    size_t inflight_events;  //  events in the requests in flight
     int64_t next_due;  //  mono ms of the earliest due event, INT64_MAX none
     int timeout;  //  per-attempt deadline, ms
     int backoff_min, backoff_max;  //  ms
@@ -562,6 +564,7 @@ s_send (gw_usage_t *self, s_event_t **events, uint32_t count)
         for (uint32_t i = 0; i < count; i++)
             events[i]->flight = flight;
         zhashx_insert (self->flights, flight->grid, flight);
+        self->inflight_events += count;
         self->n_sent += count;
         self->n_batches += flight->batch;
         return;
@@ -571,8 +574,17 @@ s_send (gw_usage_t *self, s_event_t **events, uint32_t count)
     free (flight);
 }
 
+//  True while another request (of count events so far) may leave.
+static bool
+s_room (gw_usage_t *self, uint32_t count)
+{
+    return zhashx_size (self->flights) + (count > 0) < INFLIGHT_MAX &&
+        self->inflight_events + count < INFLIGHT_EVENTS_MAX;
+}
+
 //  Send every ready event, in as few requests as the caps allow, while
-//  fewer than INFLIGHT_MAX requests are in flight.
+//  fewer than INFLIGHT_MAX requests (INFLIGHT_EVENTS_MAX events) are in
+//  flight.
 static void
 s_send_ready (gw_usage_t *self)
 {
@@ -580,8 +592,7 @@ s_send_ready (gw_usage_t *self)
     uint32_t count = 0;
     size_t bytes = 0;
     bool single = gw_mono_ms () < self->single_until;
-    while (zlistx_size (self->ready) &&
-        zhashx_size (self->flights) + (count > 0) < INFLIGHT_MAX) {
+    while (zlistx_size (self->ready) && s_room (self, count)) {
         s_event_t *event = (s_event_t *)zlistx_first (self->ready);
         size_t size = zframe_size (event->body);
         if (count && bytes + size > BATCH_BYTES) {
@@ -789,6 +800,7 @@ gw_usage_run (gw_usage_t *self)
             (s_flight_t *)zhashx_lookup (self->flights, gw_msg_rid (msg));
         if (flight) {
             s_answer (self, flight, msg, now);
+            self->inflight_events -= flight->count;
             zhashx_delete (self->flights, flight->grid);
         }
         gw_msg_destroy (&msg);
@@ -818,7 +830,7 @@ gw_usage_timeout (gw_usage_t *self)
 {
     assert (self);
     int64_t timeout = gw_client_timeout (self->client);
-    if (zlistx_size (self->ready) && zhashx_size (self->flights) < INFLIGHT_MAX)
+    if (zlistx_size (self->ready) && s_room (self, 0))
         return 0;
     if (self->next_due != INT64_MAX) {
         int64_t left = self->next_due - gw_mono_ms ();
