@@ -7,10 +7,30 @@
 //  lie inside the input, the items must be contiguous, and a batch rebuilt
 //  from them (head + items) must decode to the same items. The input is also
 //  decoded as an answer for 1..8 results; when that succeeds, the results
-//  packed again must decode to the same statuses and costs.
+//  packed again must decode to the same statuses and costs. Every item (or
+//  the whole input, when it is not a batch) also goes through billing's
+//  event parser, which is static in gw_billing.c: the file is included
+//  here, so the fuzzer reaches the parser billing really runs.
 
 #include "aigw.h"
 #include "gw_usage_batch.h"
+#include "../../services/billing/gw_billing.c"
+
+//  Billing's per-event parser on bytes from the bus: 0 or -1 with a reason.
+static void
+s_check_event (const uint8_t *data, size_t size)
+{
+    static s_pending_t pending;
+    const char *why = NULL;
+    int rc = s_parse_event (data, size, &pending, &why);
+    if (rc != 0 && (rc != -1 || !why || !*why))
+        abort ();
+    if (rc == 0 &&
+        (!pending.user[0] || !pending.model[0] ||
+            pending.event.cached_tokens > pending.event.prompt_tokens ||
+            pending.scopes_size > SCOPES_RAW_MAX))
+        abort ();
+}
 
 static gw_usage_item_t s_items[GW_USAGE_BATCH_MAX];
 static gw_usage_item_t s_again[GW_USAGE_BATCH_MAX];
@@ -24,8 +44,12 @@ s_check_request (const uint8_t *data, size_t size)
         abort ();
     if (count == -1 && (!why || !*why))
         abort ();  //  a refused container always says why
+    if (count == 0)
+        s_check_event (data, size);
     if (count <= 0)
         return;
+    for (int i = 0; i < count; i++)
+        s_check_event (s_items[i].data, s_items[i].size);
     msgpack_sbuffer sbuf;
     msgpack_sbuffer_init (&sbuf);
     msgpack_packer pk;
