@@ -131,6 +131,8 @@ build-fuzz/obj/%.o: %.c $(HEADERS)
 
 build-fuzz/%: tests/fuzz/%.c $(FUZZ_OBJ)
 	clang $(FUZZ_CFLAGS) -fsanitize=fuzzer,address,undefined $< $(FUZZ_OBJ) -o $@ $(PKG_LIBS)
+# (fuzz_usage_batch includes billing's parser source)
+build-fuzz/fuzz_usage_batch: services/billing/gw_billing.c
 
 # In make test: every fuzz target builds and replays its seed corpus, then
 # runs FUZZ_SMOKE_RUNS mutated inputs (make fuzz runs them for FUZZ_TIME).

@@ -36,6 +36,7 @@
 #include "aigw.h"
 #include "gw_store.h"
 #include "gw_billing.h"
+#include "gw_usage_batch.h"
 #include "gw_broker.h"
 #include <libpq-fe.h>
 
@@ -311,8 +312,12 @@ done:
 //  --------------------------------------------------------------------------
 //  Usage events
 
+typedef struct _s_request_t s_request_t;
+
 typedef struct {
-    uint8_t grid[16];  //  GWP request id to answer
+    uint8_t grid[16];  //  GWP request id to answer (single form)
+    s_request_t *request;  //  the batch request it came in, NULL = single form
+    uint32_t index;  //  its place in that batch
     gw_usage_event_t event;  //  strings point into the buffers below
     char key[NAME_MAX_ + 1];
     char user[NAME_MAX_ + 1];
@@ -520,6 +525,7 @@ typedef struct {
     uint64_t duplicates;  //  events already in the ledger
     uint64_t rejected;  //  answered 400
     uint64_t failed;  //  answered 500 or 503
+    uint64_t batch_requests;  //  requests in the batch form ({events: […]})
     uint64_t batches;  //  batches flushed
     uint64_t commits;  //  transactions committed
     uint64_t settles;  //  settle requests sent (one per committed batch)
@@ -532,6 +538,7 @@ typedef struct {
     gw_worker_t *worker;  //  session for "billing", NULL before CONNECT
     gw_client_t *client;  //  settle session, NULL before CONNECT or if disabled
     gw_envelope_t *envelope;  //  reused to read each request's envelope
+    gw_usage_item_t items[GW_USAGE_BATCH_MAX];  //  items of the request at hand
     s_pending_t *batch;  //  batch_max entries
     gw_usage_event_t *events;  //  batch_max entries, for the store
     size_t count;  //  events in the batch
@@ -568,6 +575,81 @@ s_answer (s_actor_t *self, s_pending_t *pending)
     zframe_t *body = zframe_new (buffer.data, buffer.size);
     msgpack_sbuffer_destroy (&buffer);
     gw_worker_final (self->worker, pending->grid, 200, NULL, &body);
+}
+
+//  A batch request ({events: […]}, STAGES.md §6.2): answered with ONE
+//  FINAL, {results: […]} in item order, once every item has its result —
+//  after the last COMMIT that holds one of its events. Its events may be
+//  spread over several store batches (batch_max) and flushes.
+typedef struct {
+    uint16_t status;  //  200, 400, 500, 503; 0 = not yet known
+    bool duplicate;  //  status 200: the rid was already in the ledger
+    int64_t cost;  //  status 200: recorded cost, micro-units
+    char error[160];  //  otherwise: why
+} s_result_t;
+
+struct _s_request_t {
+    uint8_t grid[16];  //  GWP request id to answer
+    uint32_t count;  //  items
+    uint32_t left;  //  results still missing (+1 while the handler adds items)
+    s_result_t results[];  //  count entries
+};
+
+//  One result of a batch is known; the FINAL leaves with the last one.
+static void
+s_request_result (s_actor_t *self, s_request_t *request, uint32_t index, uint16_t status,
+    int64_t cost, bool duplicate, const char *error)
+{
+    if (index < request->count) {
+        s_result_t *result = &request->results[index];
+        result->status = status;
+        result->cost = cost;
+        result->duplicate = duplicate;
+        snprintf (result->error, sizeof (result->error), "%s", error ? error : "");
+    }
+    assert (request->left > 0);
+    if (--request->left)
+        return;
+    msgpack_sbuffer buffer;
+    msgpack_sbuffer_init (&buffer);
+    msgpack_packer packer;
+    msgpack_packer_init (&packer, &buffer, msgpack_sbuffer_write);
+    gw_usage_batch_pack_results (&packer, request->count);
+    for (uint32_t i = 0; i < request->count; i++) {
+        s_result_t *result = &request->results[i];
+        if (result->status == 200)
+            gw_usage_batch_pack_ok (&packer, (uint64_t)result->cost, result->duplicate);
+        else
+            gw_usage_batch_pack_error (&packer, result->status, result->error);
+    }
+    zframe_t *body = zframe_new (buffer.data, buffer.size);
+    msgpack_sbuffer_destroy (&buffer);
+    gw_worker_final (self->worker, request->grid, 200, NULL, &body);
+    free (request);
+}
+
+//  A recorded event: its FINAL 200 (single form) or its batch result.
+static void
+s_recorded (s_actor_t *self, s_pending_t *pending)
+{
+    if (pending->request)
+        s_request_result (self, pending->request, pending->index, 200,
+            pending->event.recorded_cost, pending->event.duplicate, NULL);
+    else
+        s_answer (self, pending);
+}
+
+//  An event not recorded (500, 503): its FINAL error or its batch result.
+static void
+s_failed (s_actor_t *self, s_pending_t *pending, uint16_t status, const char *code,
+    const char *message)
+{
+    if (pending->request)
+        s_request_result (
+            self, pending->request, pending->index, status, 0, false, message);
+    else
+        gw_worker_error (
+            self->worker, pending->grid, status, "server_error", code, message);
 }
 
 //  Append the settle item of a recorded event (STAGES.md §6.3) to items:
@@ -678,19 +760,17 @@ s_flush (s_actor_t *self)
                 self->stats.duplicates++;
             else
                 self->stats.recorded++;
-            s_answer (self, pending);
+            s_recorded (self, pending);
             if (self->client && s_settle_item (&packer, pending))
                 settle_count++;
             continue;
         }
         self->stats.failed++;
         if (event_rc == GW_STORE_UNAVAILABLE)
-            gw_worker_error (self->worker, pending->grid, 503, "server_error",
-                "store_unavailable", gw_store_error (store));
+            s_failed (self, pending, 503, "store_unavailable", gw_store_error (store));
         else {
             gw_error ("billing: usage event not recorded: %s", gw_store_error (store));
-            gw_worker_error (self->worker, pending->grid, 500, "server_error",
-                "store_rejected", gw_store_error (store));
+            s_failed (self, pending, 500, "store_rejected", gw_store_error (store));
         }
     }
     s_settle_send (self, &settles, settle_count);
@@ -809,6 +889,55 @@ s_usage_query (s_actor_t *self, gw_msg_t *request)
     gw_worker_final (self->worker, grid, 200, NULL, &answer);
 }
 
+//  Validate and price one event (size bytes at data) and add it to the
+//  store batch: answered after COMMIT. A malformed event is answered at
+//  once, 400: a FINAL of its own (request NULL, the single form) or its
+//  result in request.
+static void
+s_take (s_actor_t *self, const uint8_t *grid, s_request_t *request, uint32_t index,
+    const uint8_t *data, size_t size)
+{
+    s_pending_t *pending = &self->batch[self->count];
+    const char *why = NULL;
+    char message[160];
+    if (s_parse_event (data, size, pending, &why))
+        snprintf (message, sizeof (message), "Invalid usage event: %s.", why);
+    else {
+        int64_t cost = 0;
+        gw_usage_event_t *event = &pending->event;
+        if (gw_billing_price (self->billing, pending->model, pending->group,
+                event->prompt_tokens, event->completion_tokens, event->cached_tokens,
+                &cost) >= 0) {
+            event->cost = cost;
+            memcpy (pending->grid, grid, 16);
+            pending->request = request;
+            pending->index = index;
+            self->stats.events++;
+            if (self->verbose) {
+                char hex[33];
+                gw_rid_hex (event->rid, hex);
+                gw_debug ("billing: event %s user=%s model=%s cost=%" PRId64, hex,
+                    pending->user, pending->model, cost);
+            }
+            if (self->count++ == 0)
+                self->first_ms = gw_mono_ms ();
+            if (self->count >= self->batch_max)
+                s_flush (self);
+            return;
+        }
+        snprintf (message, sizeof (message),
+            "Invalid usage event: the cost does not fit in 64 bits.");
+    }
+    self->stats.rejected++;
+    if (self->verbose)
+        gw_debug ("billing: rejected: %s", message);
+    if (request)
+        s_request_result (self, request, index, 400, 0, false, message);
+    else
+        gw_worker_error (self->worker, grid, 400, "invalid_request_error",
+            "invalid_usage_event", message);
+}
+
 static void
 s_handle (s_actor_t *self, gw_msg_t *request)
 {
@@ -823,44 +952,33 @@ s_handle (s_actor_t *self, gw_msg_t *request)
             return;
         }
     }
-    s_pending_t *pending = &self->batch[self->count];
     zframe_t *body = gw_msg_body (request);
+    const uint8_t *data = body ? zframe_data (body) : NULL;
+    size_t size = body ? zframe_size (body) : 0;
     const char *why = NULL;
-    if (s_parse_event (body ? zframe_data (body) : NULL, body ? zframe_size (body) : 0,
-            pending, &why)) {
+    int items = gw_usage_batch_decode (data, size, self->items, GW_USAGE_BATCH_MAX, &why);
+    if (items < 0) {
         self->stats.rejected++;
         char message[160];
-        snprintf (message, sizeof (message), "Invalid usage event: %s.", why);
+        snprintf (message, sizeof (message), "Invalid usage batch: %s.", why);
         gw_worker_error (self->worker, grid, 400, "invalid_request_error",
-            "invalid_usage_event", message);
-        if (self->verbose)
-            gw_debug ("billing: rejected: %s", why);
+            "invalid_usage_batch", message);
         return;
     }
-    gw_usage_event_t *event = &pending->event;
-    int64_t cost = 0;
-    if (gw_billing_price (self->billing, pending->model, pending->group,
-            event->prompt_tokens, event->completion_tokens, event->cached_tokens,
-            &cost) < 0) {
-        self->stats.rejected++;
-        gw_worker_error (self->worker, grid, 400, "invalid_request_error",
-            "invalid_usage_event",
-            "Invalid usage event: the cost does not fit in 64 bits.");
+    if (items == 0) {
+        s_take (self, grid, NULL, 0, data, size);
         return;
     }
-    event->cost = cost;
-    memcpy (pending->grid, grid, 16);
-    self->stats.events++;
-    if (self->verbose) {
-        char hex[33];
-        gw_rid_hex (event->rid, hex);
-        gw_debug ("billing: event %s user=%s model=%s cost=%" PRId64, hex, pending->user,
-            pending->model, cost);
-    }
-    if (self->count++ == 0)
-        self->first_ms = gw_mono_ms ();
-    if (self->count >= self->batch_max)
-        s_flush (self);
+    s_request_t *batch = (s_request_t *)calloc (
+        1, sizeof (s_request_t) + (size_t)items * sizeof (s_result_t));
+    assert (batch);
+    memcpy (batch->grid, grid, 16);
+    batch->count = (uint32_t)items;
+    batch->left = (uint32_t)items + 1;  //  + 1: not answered while we add
+    self->stats.batch_requests++;
+    for (int i = 0; i < items; i++)
+        s_take (self, grid, batch, (uint32_t)i, self->items[i].data, self->items[i].size);
+    s_request_result (self, batch, UINT32_MAX, 0, 0, false, NULL);
 }
 
 static void
@@ -930,9 +1048,10 @@ s_on_pipe (s_actor_t *self)
             "events=%" PRIu64 " recorded=%" PRIu64 " duplicates=%" PRIu64
             " rejected=%" PRIu64 " failed=%" PRIu64 " batches=%" PRIu64
             " commits=%" PRIu64 " settles=%" PRIu64 " settle_errors=%" PRIu64
-            " unpriced=%" PRIu64,
+            " unpriced=%" PRIu64 " batch_requests=%" PRIu64,
             s->events, s->recorded, s->duplicates, s->rejected, s->failed, s->batches,
-            s->commits, s->settles, s->settle_errors, self->billing->unpriced);
+            s->commits, s->settles, s->settle_errors, self->billing->unpriced,
+            s->batch_requests);
     }
     else if (streq (command, "CONNECT")) {
         char *endpoint = zmsg_popstr (msg);
@@ -1710,6 +1829,104 @@ s_test_bus (const char *url, bool verbose)
     assert (gw_store_usage (reader, GW_USAGE_BY_USER, "alice", 0, INT64_MAX, &sum_alice,
                 NULL, 0) == 1);
     assert (sum_alice.requests + sum_bob.requests == BURST);
+
+    //  Batches ({events: […]}, STAGES.md §6.2): one FINAL with a result per
+    //  event in order; a bad event is refused alone; a batch larger than
+    //  batch_max (64) spans several transactions and is answered after the
+    //  last; a resent batch records nothing twice.
+    {
+        enum { N = 100, BAD = 37, DUP = 50 };
+        msgpack_sbuffer bbuf;
+        msgpack_sbuffer_init (&bbuf);
+        msgpack_packer bpk;
+        msgpack_packer_init (&bpk, &bbuf, msgpack_sbuffer_write);
+        gw_usage_batch_pack_head (&bpk, N);
+        int64_t want[N];
+        int64_t batch_total = 0;
+        for (int i = 0; i < N; i++) {
+            uint8_t fresh[16];
+            gw_rid_new (fresh);
+            uint64_t prompt = 100 + (uint64_t)i, cached = i == BAD ? prompt + 1 : 0;
+            zframe_t *body = i == DUP
+                ? s_event_body (rids[0], "alice", "default", "gpt-4o", 1, 1, 0, 0)
+                : s_event_body (fresh, "dave", "default", "gpt-4o", prompt, 7, cached, 0);
+            msgpack_sbuffer_write (
+                &bbuf, (const char *)zframe_data (body), zframe_size (body));
+            zframe_destroy (&body);
+            want[i] = sent[0].want;  //  the duplicate's first cost
+            if (i != DUP && i != BAD) {
+                assert (gw_billing_price (billing, "gpt-4o", "default", (int64_t)prompt,
+                            7, 0, &want[i]) == 0);
+                batch_total += want[i];
+            }
+        }
+        uint64_t recorded = s_stat (actor, "recorded");
+        for (int round = 0; round < 2; round++) {
+            zframe_t *body = zframe_new (bbuf.data, bbuf.size);
+            uint8_t grid[16];
+            s_send (client, &body, grid);
+            gw_msg_t *answer = gw_client_wait (client, 5000);
+            assert (answer && gw_msg_id (answer) == GW_MSG_FINAL);
+            assert (memcmp (gw_msg_rid (answer), grid, 16) == 0);
+            assert (gw_msg_status (answer) == 200);
+            uint16_t status[N];
+            uint64_t cost[N];
+            zframe_t *results = gw_msg_body (answer);
+            assert (gw_usage_batch_results (zframe_data (results), zframe_size (results),
+                        status, cost, N) == 0);
+            for (int i = 0; i < N; i++) {
+                assert (status[i] == (i == BAD ? 400 : 200));
+                if (i != BAD)
+                    assert (cost[i] == (uint64_t)want[i]);
+            }
+            gw_msg_destroy (&answer);
+            //  Once: N - 2 new rows (the first round), none in the second.
+            assert (s_stat (actor, "recorded") == recorded + N - 2);
+        }
+        gw_usage_sum_t sum_dave;
+        assert (gw_store_usage (reader, GW_USAGE_BY_USER, "dave", 0, INT64_MAX, &sum_dave,
+                    NULL, 0) == 1);
+        assert (sum_dave.requests == N - 2 && sum_dave.cost == batch_total);
+        assert (s_stat (actor, "batch_requests") == 2);
+        //  Malformed containers: 400 for the whole request, nothing recorded.
+        const char *containers[] = {
+            "\x81\xa6"
+            "events\xa1x",  //  not an array
+            "\x81\xa6"
+            "events\x90",  //  empty
+            "\x81\xa6"
+            "events\x92\x80",  //  two declared, one there
+            "\x81\xa6"
+            "events\x91\x80\xc0",  //  trailing bytes
+            "\x81\xa6"
+            "events\xdd\xff\xff\xff\xff",  //  array32 of 4G
+        };
+        const size_t sizes[] = {10, 9, 10, 11, 13};
+        for (int i = 0; i < 5; i++) {
+            zframe_t *body = zframe_new (containers[i], sizes[i]);
+            s_sent_t one;
+            memset (&one, 0, sizeof (one));
+            s_send (client, &body, one.grid);
+            s_collect (client, &one, 1, 5000);
+            assert (one.status == 400);
+        }
+        //  A batch of one bad item: a result, not a crash.
+        zframe_t *body = zframe_new ("\x81\xa6"
+                                     "events\x91\x80",
+            10);
+        uint8_t grid[16];
+        s_send (client, &body, grid);
+        gw_msg_t *answer = gw_client_wait (client, 5000);
+        assert (answer && gw_msg_status (answer) == 200);
+        uint16_t status[1];
+        zframe_t *results = gw_msg_body (answer);
+        assert (gw_usage_batch_results (
+                    zframe_data (results), zframe_size (results), status, NULL, 1) == 0);
+        assert (status[0] == 400);
+        gw_msg_destroy (&answer);
+        assert (s_stat (actor, "recorded") == recorded + N - 2);
+        msgpack_sbuffer_destroy (&bbuf);
+    }
 
     //  Without a ratelimit service, settles fail (503 after grace) and
     //  billing goes on answering.

@@ -5,11 +5,24 @@
 //  acknowledgement proves billing's COMMIT) + never twice (billing ignores
 //  a rid it already has). This class does the first half.
 //
-//  Memory: rid -> event (body, back-off, the GWP rid of the attempt in
-//  flight), and GWP rid -> event for attempts in flight. Each attempt is a
-//  REQUEST with a fresh GWP rid (the broker keys requests by it) and the
-//  same body (billing keys events by the body's rid). At most INFLIGHT_MAX
-//  attempts are in flight; the rest wait their turn (due = now).
+//  Memory: rid -> event (body, back-off, the attempt it is in flight
+//  with), GWP rid -> flight (the events of one attempt, in order), and the
+//  ready list: events to send at the end of this turn. Each attempt is a
+//  REQUEST with a fresh GWP rid (the broker keys requests by it); billing
+//  keys events by the body's rid. An event is in exactly one place: ready,
+//  in one flight, or waiting for its back-off (due).
+//
+//  Batches (STAGES.md §6.2, issue #6): gw_usage_submit only spools and
+//  queues; gw_usage_run sends everything ready at once, as requests of at
+//  most GW_USAGE_BATCH_MAX events / GW_USAGE_BATCH_BYTES ({events: […]},
+//  the spooled bodies appended as they are), or in the single form when
+//  one event is alone (an idle gateway sends what it always sent). The
+//  answer {results: […]} ends or reschedules each event on its own; a
+//  failed or timed-out request reschedules all of its events, which go out
+//  in whatever request is next. A 400 to a whole batch (a billing that
+//  predates batches) resends its events one per request and keeps to the
+//  single form for SINGLE_MS. At most INFLIGHT_MAX requests are in flight;
+//  (INFLIGHT_EVENTS_MAX events); the rest stay ready.
 //
 //  File: "<name>-<host>-<pid>-<random>.spool", append-only records after an
 //  8-byte magic "GWSPOOL1":
@@ -42,6 +55,7 @@
 
 #include "aigw.h"
 #include "gw_usage.h"
+#include "gw_usage_batch.h"
 #include <dirent.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -49,20 +63,34 @@
 
 #define MAGIC "GWSPOOL1"
 #define MAGIC_SIZE 8
-#define INFLIGHT_MAX 512  //  attempts in flight to billing at once
+#define INFLIGHT_MAX 512  //  requests in flight to billing at once
+#define INFLIGHT_EVENTS_MAX 8192  //  events in those requests, at most
+#define BATCH_BYTES (GW_USAGE_BATCH_BYTES - 64)  //  event bytes per request
+#define SINGLE_MS 60000  //  single form only, after a batch was refused
 #define COMPACT_BYTES (4 * 1024 * 1024)  //  compaction threshold, bytes
 #define EVENT_BODY_MAX (64 * 1024)  //  largest event body kept
 #define FILE_READ_MAX (1024LL * 1024 * 1024)  //  largest spool file read
 
+typedef struct _s_flight_t s_flight_t;
+
 typedef struct {
     uint8_t rid[16];  //  the event's rid (hash key points here)
-    uint8_t grid[16];  //  GWP rid of the attempt in flight
-    bool in_flight;  //  an attempt is in flight
+    s_flight_t *flight;  //  the attempt it is in flight with, NULL = none
+    bool queued;  //  in the ready list
+    bool single;  //  send in the single form only (its batch was refused)
     zframe_t *body;  //  msgpack event body (owned)
     int64_t due;  //  mono ms of the next attempt
     int backoff;  //  ms to wait after the next failure
     uint32_t attempts;  //  attempts made
 } s_event_t;
+
+//  One attempt in flight: a REQUEST carrying count events.
+struct _s_flight_t {
+    uint8_t grid[16];  //  its GWP rid (hash key points here)
+    bool batch;  //  sent as {events: […]} (else the single form)
+    uint32_t count;  //  events
+    s_event_t *events[];  //  count entries, in request order (borrowed)
+};
 
 struct _gw_usage_t {
     gw_client_t *client;  //  bus session
@@ -74,12 +102,16 @@ struct _gw_usage_t {
     off_t live;  //  bytes of live 'E' records (approximate after takeover)
     size_t max;  //  events kept at most
     zhashx_t *events;  //  rid -> s_event_t (owned)
-    zhashx_t *flights;  //  grid -> s_event_t (borrowed)
+    zhashx_t *flights;  //  grid -> s_flight_t (owned)
+    zlistx_t *ready;  //  s_event_t to send this turn (borrowed)
+    int64_t single_until;  //  mono ms: single form only until then
+    size_t inflight_events;  //  events in the requests in flight
     int64_t next_due;  //  mono ms of the earliest due event, INT64_MAX none
     int timeout;  //  per-attempt deadline, ms
     int backoff_min, backoff_max;  //  ms
     bool fsync;  //  fsync after every write
     uint64_t n_sent, n_acked, n_dropped, n_retries, n_recovered;
+    uint64_t n_batches;  //  requests in the batch form
 };
 
 static void
@@ -91,6 +123,13 @@ s_event_free (void **item_p)
         free (event);
         *item_p = NULL;
     }
+}
+
+static void
+s_flight_free (void **item_p)
+{
+    free (*item_p);
+    *item_p = NULL;
 }
 
 static void
@@ -239,8 +278,18 @@ s_schedule (gw_usage_t *self, s_event_t *event, int64_t due)
         self->next_due = due;
 }
 
+//  Queue event to be sent at the end of this turn.
+static void
+s_ready (gw_usage_t *self, s_event_t *event)
+{
+    if (!event->queued) {
+        zlistx_add_end (self->ready, event);
+        event->queued = true;
+    }
+}
+
 //  Keep event (taking it over from a file or a submit): write it to our
-//  file and put it in the map, due now. Returns 0 or -1 (not kept).
+//  file and put it in the map, ready to send. Returns 0 or -1 (not kept).
 static int
 s_keep (gw_usage_t *self, s_event_t *event)
 {
@@ -248,7 +297,7 @@ s_keep (gw_usage_t *self, s_event_t *event)
         return -1;
     event->backoff = self->backoff_min;
     zhashx_insert (self->events, event->rid, event);
-    s_schedule (self, event, gw_mono_ms ());
+    s_ready (self, event);
     return 0;
 }
 
@@ -372,7 +421,9 @@ gw_usage_new (const char *endpoint, const char *service, const char *dir,
     self->backoff_max = 5000;
     self->next_due = INT64_MAX;
     self->events = gw_rid_map_new (s_event_free);
-    self->flights = gw_rid_map_new (NULL);
+    self->flights = gw_rid_map_new (s_flight_free);
+    self->ready = zlistx_new ();
+    assert (self->ready);
     char host[64] = "host";
     gethostname (host, sizeof (host) - 1);
     host[sizeof (host) - 1] = 0;
@@ -418,6 +469,7 @@ gw_usage_destroy (gw_usage_t **self_p)
         close (self->fd);
     }
     zhashx_destroy (&self->flights);
+    zlistx_destroy (&self->ready);
     zhashx_destroy (&self->events);
     free (self->service);
     free (self->dir);
@@ -458,31 +510,113 @@ gw_usage_set_heartbeat (gw_usage_t *self, int heartbeat_ms, int expiry_ms)
     gw_client_set_heartbeat (self->client, heartbeat_ms, expiry_ms);
 }
 
-//  Send one attempt of event. On a refused send, back off.
+//  The attempt of event failed or is unknown: try again after its back-off.
 static void
-s_send (gw_usage_t *self, s_event_t *event)
+s_retry (gw_usage_t *self, s_event_t *event, int64_t now)
 {
-    int64_t now = gw_mono_ms ();
-    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
-    gw_rid_new (event->grid);
-    gw_msg_set_rid (msg, event->grid);
-    gw_msg_set_service (msg, self->service);
-    gw_msg_set_deadline (msg, (uint64_t)(gw_time_ms () + self->timeout));
-    zframe_t *body = zframe_dup (event->body);
-    gw_msg_set_body (msg, &body);
-    event->attempts++;
-    if (event->attempts > 1)
-        self->n_retries++;
-    if (gw_client_send (self->client, &msg) == 0) {
-        event->in_flight = true;
-        zhashx_insert (self->flights, event->grid, event);
-        self->n_sent++;
-        return;
-    }
     s_schedule (self, event, now + event->backoff);
     if (event->backoff < self->backoff_max)
         event->backoff = event->backoff * 2 > self->backoff_max ? self->backoff_max
                                                                 : event->backoff * 2;
+}
+
+//  Send one attempt of count events (taken off the ready list): the single
+//  form for one, else a batch. On a refused send, every one backs off.
+static void
+s_send (gw_usage_t *self, s_event_t **events, uint32_t count)
+{
+    assert (count > 0);
+    int64_t now = gw_mono_ms ();
+    s_flight_t *flight =
+        (s_flight_t *)zmalloc (sizeof (s_flight_t) + count * sizeof (s_event_t *));
+    assert (flight);
+    gw_rid_new (flight->grid);
+    flight->batch = count > 1;
+    flight->count = count;
+    zframe_t *body = NULL;
+    if (count == 1)
+        body = zframe_dup (events[0]->body);
+    else {
+        msgpack_sbuffer buffer;
+        msgpack_sbuffer_init (&buffer);
+        msgpack_packer packer;
+        msgpack_packer_init (&packer, &buffer, msgpack_sbuffer_write);
+        gw_usage_batch_pack_head (&packer, count);
+        for (uint32_t i = 0; i < count; i++)
+            msgpack_sbuffer_write (&buffer, (const char *)zframe_data (events[i]->body),
+                zframe_size (events[i]->body));
+        body = zframe_new (buffer.data, buffer.size);
+        msgpack_sbuffer_destroy (&buffer);
+    }
+    gw_msg_t *msg = gw_msg_new (GW_MSG_REQUEST);
+    gw_msg_set_rid (msg, flight->grid);
+    gw_msg_set_service (msg, self->service);
+    gw_msg_set_deadline (msg, (uint64_t)(gw_time_ms () + self->timeout));
+    gw_msg_set_body (msg, &body);
+    for (uint32_t i = 0; i < count; i++) {
+        s_event_t *event = events[i];
+        flight->events[i] = event;
+        event->attempts++;
+        if (event->attempts > 1)
+            self->n_retries++;
+    }
+    if (gw_client_send (self->client, &msg) == 0) {
+        for (uint32_t i = 0; i < count; i++)
+            events[i]->flight = flight;
+        zhashx_insert (self->flights, flight->grid, flight);
+        self->inflight_events += count;
+        self->n_sent += count;
+        self->n_batches += flight->batch;
+        return;
+    }
+    for (uint32_t i = 0; i < count; i++)
+        s_retry (self, events[i], now);
+    free (flight);
+}
+
+//  True while another request (of count events so far) may leave.
+static bool
+s_room (gw_usage_t *self, uint32_t count)
+{
+    return zhashx_size (self->flights) + (count > 0) < INFLIGHT_MAX &&
+        self->inflight_events + count < INFLIGHT_EVENTS_MAX;
+}
+
+//  Send every ready event, in as few requests as the caps allow, while
+//  fewer than INFLIGHT_MAX requests (INFLIGHT_EVENTS_MAX events) are in
+//  flight.
+static void
+s_send_ready (gw_usage_t *self)
+{
+    s_event_t *group[GW_USAGE_BATCH_MAX];
+    uint32_t count = 0;
+    size_t bytes = 0;
+    bool single = gw_mono_ms () < self->single_until;
+    while (zlistx_size (self->ready) && s_room (self, count)) {
+        s_event_t *event = (s_event_t *)zlistx_first (self->ready);
+        size_t size = zframe_size (event->body);
+        if (count && bytes + size > BATCH_BYTES) {
+            s_send (self, group, count);  //  full: send it, then go on
+            count = 0;
+            bytes = 0;
+            continue;
+        }
+        zlistx_detach_cur (self->ready);
+        event->queued = false;
+        if (single || event->single) {
+            s_send (self, &event, 1);
+            continue;
+        }
+        group[count++] = event;
+        bytes += size;
+        if (count == GW_USAGE_BATCH_MAX) {
+            s_send (self, group, count);
+            count = 0;
+            bytes = 0;
+        }
+    }
+    if (count)
+        s_send (self, group, count);
 }
 
 //  The event ended (ack or drop): note it in the file, forget it.
@@ -558,9 +692,7 @@ gw_usage_submit (gw_usage_t *self, const uint8_t rid[16], const void *body, size
         s_event_free ((void **)&event);
         return -1;
     }
-    if (zhashx_size (self->flights) < INFLIGHT_MAX)
-        s_send (self, event);
-    return 0;
+    return 0;  //  sent by gw_usage_run, with whatever else is ready
 }
 
 bool
@@ -591,6 +723,67 @@ gw_usage_path (gw_usage_t *self)
     return self->path;
 }
 
+//  One event's outcome: 200 ends it (acknowledged), 400 ends it (refused
+//  for good, logged), anything else resends it after its back-off.
+static void
+s_outcome (gw_usage_t *self, s_event_t *event, uint16_t status, int64_t now)
+{
+    event->flight = NULL;
+    if (status == 200) {
+        self->n_acked++;
+        s_end (self, event);
+    }
+    else if (status == 400) {
+        char hex[33];
+        gw_rid_hex (event->rid, hex);
+        gw_error ("usage: billing refused event %s for good (400); dropped", hex);
+        self->n_dropped++;
+        s_end (self, event);
+    }
+    else {
+        if (event->attempts == 1 || status != 503)
+            gw_debug ("usage: billing answered %u; resending later", status);
+        s_retry (self, event, now);
+    }
+}
+
+//  The FINAL of a flight: apply it to each of its events.
+static void
+s_answer (gw_usage_t *self, s_flight_t *flight, gw_msg_t *msg, int64_t now)
+{
+    uint16_t status = gw_msg_status (msg);
+    if (!flight->batch) {
+        s_outcome (self, flight->events[0], status, now);
+        return;
+    }
+    if (status == 400) {
+        //  The container was refused: a billing that predates batches.
+        //  Nothing was recorded; resend each event alone.
+        gw_warn ("usage: billing refused a batch of %u events (400); sending events "
+                 "one per request for %d s",
+            flight->count, SINGLE_MS / 1000);
+        self->single_until = now + SINGLE_MS;
+        for (uint32_t i = 0; i < flight->count; i++) {
+            s_event_t *event = flight->events[i];
+            event->flight = NULL;
+            event->single = true;
+            s_ready (self, event);
+        }
+        return;
+    }
+    uint16_t results[GW_USAGE_BATCH_MAX];
+    zframe_t *body = gw_msg_body (msg);
+    if (status == 200 &&
+        gw_usage_batch_results (body ? zframe_data (body) : NULL,
+            body ? zframe_size (body) : 0, results, NULL, flight->count)) {
+        gw_error ("usage: unreadable answer to a batch of %u events; resending them",
+            flight->count);
+        status = 502;
+    }
+    for (uint32_t i = 0; i < flight->count; i++)
+        s_outcome (self, flight->events[i], status == 200 ? results[i] : status, now);
+}
+
 void
 gw_usage_run (gw_usage_t *self)
 {
@@ -603,60 +796,29 @@ gw_usage_run (gw_usage_t *self)
             gw_msg_destroy (&msg);
             continue;
         }
-        s_event_t *event = (s_event_t *)zhashx_lookup (self->flights, gw_msg_rid (msg));
-        uint16_t status = gw_msg_status (msg);
-        if (event) {
-            zhashx_delete (self->flights, event->grid);
-            event->in_flight = false;
-            if (status == 200) {
-                self->n_acked++;
-                s_end (self, event);
-            }
-            else if (status == 400) {
-                char hex[33];
-                gw_rid_hex (event->rid, hex);
-                gw_error ("usage: billing refused event %s for good (400); dropped", hex);
-                self->n_dropped++;
-                s_end (self, event);
-            }
-            else {
-                if (event->attempts == 1 || status != 503)
-                    gw_debug ("usage: billing answered %u; resending later", status);
-                s_schedule (self, event, now + event->backoff);
-                if (event->backoff < self->backoff_max)
-                    event->backoff = event->backoff * 2 > self->backoff_max
-                        ? self->backoff_max
-                        : event->backoff * 2;
-            }
+        s_flight_t *flight =
+            (s_flight_t *)zhashx_lookup (self->flights, gw_msg_rid (msg));
+        if (flight) {
+            s_answer (self, flight, msg, now);
+            self->inflight_events -= flight->count;
+            zhashx_delete (self->flights, flight->grid);
         }
         gw_msg_destroy (&msg);
     }
     if (now >= self->next_due) {
         self->next_due = INT64_MAX;
         s_event_t *event = (s_event_t *)zhashx_first (self->events);
-        zlistx_t *due = NULL;
         while (event) {
-            if (!event->in_flight) {
-                if (event->due <= now) {
-                    if (!due)
-                        due = zlistx_new ();
-                    zlistx_add_end (due, event);
-                }
+            if (!event->flight && !event->queued) {
+                if (event->due <= now)
+                    s_ready (self, event);
                 else if (event->due < self->next_due)
                     self->next_due = event->due;
             }
             event = (s_event_t *)zhashx_next (self->events);
         }
-        event = due ? (s_event_t *)zlistx_first (due) : NULL;
-        while (event) {
-            if (zhashx_size (self->flights) < INFLIGHT_MAX)
-                s_send (self, event);
-            else
-                s_schedule (self, event, now + 10);
-            event = (s_event_t *)zlistx_next (due);
-        }
-        zlistx_destroy (&due);
     }
+    s_send_ready (self);
     if (self->size > COMPACT_BYTES && self->live < self->size / 4)
         s_compact (self);
     else if (zhashx_size (self->events) == 0 && self->size > 64 * 1024)
@@ -668,6 +830,8 @@ gw_usage_timeout (gw_usage_t *self)
 {
     assert (self);
     int64_t timeout = gw_client_timeout (self->client);
+    if (zlistx_size (self->ready) && s_room (self, 0))
+        return 0;
     if (self->next_due != INT64_MAX) {
         int64_t left = self->next_due - gw_mono_ms ();
         if (left < timeout)
@@ -682,9 +846,10 @@ gw_usage_stats (gw_usage_t *self, char *out, size_t out_max)
     assert (self);
     snprintf (out, out_max,
         "pending=%zu inflight=%zu sent=%" PRIu64 " acked=%" PRIu64 " dropped=%" PRIu64
-        " retries=%" PRIu64 " recovered=%" PRIu64,
+        " retries=%" PRIu64 " recovered=%" PRIu64 " batches=%" PRIu64,
         zhashx_size (self->events), zhashx_size (self->flights), self->n_sent,
-        self->n_acked, self->n_dropped, self->n_retries, self->n_recovered);
+        self->n_acked, self->n_dropped, self->n_retries, self->n_recovered,
+        self->n_batches);
 }
 
 //  --------------------------------------------------------------------------
@@ -807,14 +972,40 @@ gw_usage_event_pack (msgpack_sbuffer *out, const uint8_t rid[16], gw_envelope_t 
 
 #include "gw_broker.h"
 
-//  Fake billing: answers each REQUEST with the status in *mode (0 = no
-//  answer at all), records acknowledged rids (body "rid") in a set.
+//  Fake billing: answers each REQUEST with the status in mode (0 = no
+//  answer at all), records acknowledged rids (body "rid") in a set. Takes
+//  both forms: a batch (with mode 200) is answered with one result per
+//  event, 400 for the rids in refuse; old answers every batch 400, as a
+//  billing that predates batches.
 typedef struct {
     gw_worker_t *worker;
     int mode;  //  status to answer, 0 = never answer
     zhashx_t *acked;  //  body rids acknowledged, hex (values unused)
+    zhashx_t *refuse;  //  body rids refused 400, hex (values unused)
     size_t requests;  //  REQUESTs seen
+    size_t batches;  //  of which in the batch form
+    size_t largest;  //  events in the largest batch
+    bool old;  //  refuse batches as a whole (400)
 } s_fake_t;
+
+//  The rid of one event; answers 400 or acknowledges it.
+static uint16_t
+s_fake_event (s_fake_t *fake, const uint8_t *data, size_t size)
+{
+    gw_mreader_t reader;
+    gw_mvalue_t value;
+    gw_mreader_init (&reader, data, size);
+    bool found = gw_mreader_find (&reader, "rid") == 0 &&
+        gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_BIN &&
+        value.size == 16;
+    assert (found);
+    char hex[33];
+    gw_rid_hex ((const uint8_t *)value.ptr, hex);
+    if (zhashx_lookup (fake->refuse, hex))
+        return 400;
+    zhashx_insert (fake->acked, hex, (void *)"x");
+    return 200;
+}
 
 static void
 s_fake_drain (s_fake_t *fake, int ms)
@@ -828,18 +1019,39 @@ s_fake_drain (s_fake_t *fake, int ms)
         }
         fake->requests++;
         zframe_t *body = gw_msg_body (msg);
-        gw_mreader_t reader;
-        gw_mvalue_t value;
-        gw_mreader_init (&reader, zframe_data (body), zframe_size (body));
-        bool found = gw_mreader_find (&reader, "rid") == 0 &&
-            gw_mreader_next (&reader, &value) == 0 && value.type == GW_MP_BIN &&
-            value.size == 16;
-        assert (found);
-        if (fake->mode == 200) {
-            char hex[33];
-            gw_rid_hex ((const uint8_t *)value.ptr, hex);
-            zhashx_insert (fake->acked, hex, (void *)"x");
-            gw_worker_final (fake->worker, gw_msg_rid (msg), 200, NULL, NULL);
+        gw_usage_item_t items[GW_USAGE_BATCH_MAX];
+        int count = gw_usage_batch_decode (
+            zframe_data (body), zframe_size (body), items, GW_USAGE_BATCH_MAX, NULL);
+        assert (count >= 0);
+        if (count > 0) {
+            fake->batches++;
+            if ((size_t)count > fake->largest)
+                fake->largest = (size_t)count;
+        }
+        if (fake->mode == 200 && count > 0 && !fake->old) {
+            msgpack_sbuffer sbuf;
+            msgpack_sbuffer_init (&sbuf);
+            msgpack_packer pk;
+            msgpack_packer_init (&pk, &sbuf, msgpack_sbuffer_write);
+            gw_usage_batch_pack_results (&pk, (uint32_t)count);
+            for (int i = 0; i < count; i++)
+                if (s_fake_event (fake, items[i].data, items[i].size) == 200)
+                    gw_usage_batch_pack_ok (&pk, 1, false);
+                else
+                    gw_usage_batch_pack_error (&pk, 400, "refused");
+            zframe_t *answer = zframe_new (sbuf.data, sbuf.size);
+            msgpack_sbuffer_destroy (&sbuf);
+            gw_worker_final (fake->worker, gw_msg_rid (msg), 200, NULL, &answer);
+        }
+        else if (fake->mode == 200 && count > 0)
+            gw_worker_error (fake->worker, gw_msg_rid (msg), 400, NULL, NULL, "no rid");
+        else if (fake->mode == 200) {
+            uint16_t status = s_fake_event (fake, zframe_data (body), zframe_size (body));
+            if (status == 200)
+                gw_worker_final (fake->worker, gw_msg_rid (msg), 200, NULL, NULL);
+            else
+                gw_worker_error (
+                    fake->worker, gw_msg_rid (msg), status, NULL, NULL, "no");
         }
         else if (fake->mode)
             gw_worker_error (
@@ -955,6 +1167,7 @@ gw_usage_test (bool verbose)
     s_fake_t fake = {0};
     fake.worker = gw_worker_new (endpoint, "billing-test", 64, GW_READY_IDEMPOTENT);
     fake.acked = zhashx_new ();
+    fake.refuse = zhashx_new ();
     fake.mode = 503;
 
     //  1. Refused (503) then unanswered (deadline): kept and resent with
@@ -1046,10 +1259,90 @@ gw_usage_test (bool verbose)
     assert (gw_usage_pending (usage) == 0);
     struct stat st;
     assert (stat (gw_usage_path (usage), &st) == 0 && st.st_size < 64 * 1024 + 4096);
+
+    //  6. Idle: one event leaves at once, in the single form, at the end of
+    //  the turn it was submitted in (no waiting to fill a batch).
+    size_t requests = fake.requests, batches = fake.batches;
+    s_submit (usage, r1, "m");
+    gw_usage_run (usage);
+    s_fake_drain (&fake, 20);
+    assert (fake.requests == requests + 1 && fake.batches == batches);
+    gw_usage_run (usage);
+    assert (gw_usage_pending (usage) == 0);
+
+    //  7. Under load: 300 events due in one turn leave as two requests
+    //  (256 + 44), each event acknowledged by its own result.
+    zhashx_purge (fake.acked);
+    requests = fake.requests;
+    batches = fake.batches;
+    for (int i = 0; i < 300; i++) {
+        uint8_t r[16];
+        s_submit (usage, r, "m");
+    }
+    s_pump (usage, &fake, 200);
+    assert (gw_usage_pending (usage) == 0);
+    assert (zhashx_size (fake.acked) == 300);
+    assert (fake.requests == requests + 2 && fake.batches == batches + 2);
+    assert (fake.largest == GW_USAGE_BATCH_MAX);
+
+    //  8. One bad event in a batch is dropped alone; the others are
+    //  acknowledged; nothing is resent.
+    zhashx_purge (fake.acked);
+    uint8_t batch_rids[10][16];
+    for (int i = 0; i < 10; i++)
+        s_submit (usage, batch_rids[i], "m");
+    gw_rid_hex (batch_rids[4], hex);
+    zhashx_insert (fake.refuse, hex, (void *)"x");
+    gw_usage_stats (usage, stats, sizeof (stats));
+    requests = fake.requests;
+    s_pump (usage, &fake, 200);
+    assert (gw_usage_pending (usage) == 0);
+    assert (zhashx_size (fake.acked) == 9 && !zhashx_lookup (fake.acked, hex));
+    assert (fake.requests == requests + 1);
+    zhashx_purge (fake.refuse);
+
+    //  9. A batch whose FINAL never comes (billing killed, answer lost):
+    //  every event is resent after the deadline, then acknowledged.
+    zhashx_purge (fake.acked);
+    fake.mode = 0;
+    gw_usage_set_timeout (usage, 150);
+    gw_usage_set_backoff (usage, 20, 80);
+    for (int i = 0; i < 10; i++)
+        s_submit (usage, batch_rids[i], "m");
+    requests = fake.requests;
+    s_pump (usage, &fake, 100);
+    assert (fake.requests == requests + 1 && gw_usage_pending (usage) == 10);
+    s_pump (usage, &fake, 300);  //  the 150 ms deadline passes: resent
+    assert (fake.requests >= requests + 2 && gw_usage_pending (usage) == 10);
+    fake.mode = 200;
+    s_pump (usage, &fake, 400);
+    assert (gw_usage_pending (usage) == 0 && zhashx_size (fake.acked) == 10);
+
+    //  10. A billing that predates batches refuses the batch (400): the
+    //  events are not dropped but resent one per request, and later events
+    //  go in the single form.
+    zhashx_purge (fake.acked);
+    fake.old = true;
+    batches = fake.batches;
+    for (int i = 0; i < 5; i++)
+        s_submit (usage, batch_rids[i], "m");
+    s_pump (usage, &fake, 200);
+    assert (gw_usage_pending (usage) == 0 && zhashx_size (fake.acked) == 5);
+    assert (fake.batches == batches + 1);
+    for (int i = 0; i < 3; i++)
+        s_submit (usage, batch_rids[i], "m");
+    s_pump (usage, &fake, 200);
+    assert (gw_usage_pending (usage) == 0 && fake.batches == batches + 1);
+    fake.old = false;
+    gw_usage_stats (usage, stats, sizeof (stats));
+    if (verbose)
+        printf ("   (%s)\n", stats);
+    assert (strstr (stats, "dropped=1 "));  //  the one of step 8
     gw_usage_destroy (&usage);
     assert (rmdir (dir) == 0);  //  nothing owed: no file left
 
     zhashx_destroy (&fake.acked);
+    zhashx_destroy (&fake.refuse);
     gw_worker_destroy (&fake.worker);
     zactor_destroy (&broker);
     zstr_free (&endpoint);

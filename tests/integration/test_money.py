@@ -680,6 +680,41 @@ def test_ledger_exactly_once_while_billing_is_killed(make_mock, make_gateway,
           f"{len(rows)} ledger rows, spent {spent}")
 
 
+def test_bridge_crash_spool_is_taken_over_and_billed_once(make_mock, make_gateway) -> None:
+    """Billing is down while 300 requests are served (16 at a time, so the
+    bridge's usage events pile up in its spool and go out in batches); the
+    bridge is SIGKILLed with every event owed; a new bridge on the same
+    spool folder takes the dead one's file over, and once billing is back
+    every request has exactly one ledger row, priced from the provider's
+    usage (docs/BILLING.md, "Restart and takeover")."""
+    total = 300
+    mock = make_mock()
+    gw = make_gateway([channel("a", mock)], prices=PRICES)
+    gw.kill("billing", 0)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(lambda i: gw.chat(content=f"takeover number {i} " + "x " * (i % 7)),
+                                range(total)))
+    assert [r[0] for r in results] == [200] * total
+    ids = [r[1].get("x-request-id", "") for r in results]
+    time.sleep(0.3)  # the last events reach the spool file
+    spool = [f for f in os.listdir(gw.spool_dir) if f.endswith(".spool")]
+    assert len(spool) == 1 and os.path.getsize(os.path.join(gw.spool_dir, spool[0])) > 8
+    gw.kill("bridge", 0)
+    gw.restart("bridge", 0)
+    gw.restart("billing", 0)
+    wait_for(lambda: ledger_count(gw) >= total, 30,
+             f"the ledger to reach {total} rows (spool taken over)", interval=0.2)
+    time.sleep(0.5)  # nothing more may arrive
+    rows = ledger(gw)
+    assert ledger_count(gw) == len(rows) == total
+    assert set(rows) == {rid_hex(i) for i in ids}
+    for i, x_request_id in enumerate(ids):
+        row = rows[rid_hex(x_request_id)]
+        assert row["cost"] == actual_cost("mock-gpt", 3 + i % 7, 5), (i, row)
+    # The dead bridge's file is gone; the new one drained its own.
+    wait_for(lambda: spool[0] not in os.listdir(gw.spool_dir), 5, "old spool deleted")
+
+
 # --------------------------------------------------------------------------
 # d. A client that leaves mid-stream
 
