@@ -197,6 +197,7 @@ typedef struct {
     CURL *easy;  //  NULL between attempts
     struct curl_slist *headers;  //  request headers of the attempt
     msgpack_sbuffer upbody;  //  upstream JSON body of the attempt
+    const char *upbody_model;  //  the model upbody was written for, or NULL
     char errbuf[CURL_ERROR_SIZE];  //  curl's error text
     long status;  //  HTTP status, 0 until known
     bool got_byte;  //  any response body byte arrived
@@ -981,10 +982,18 @@ s_attempt_start (s_request_t *req, int index)
         gw_sse_reset (req->sse);
     else if (req->stream)
         req->sse = gw_sse_new (self->event_max, self->event_max);
-    req->upbody.size = 0;
-    if (s_body_json (req, channel->model, &req->upbody)) {
-        s_note_failure (req, false, false, "request body could not be written as JSON");
-        return -1;
+    //  The body depends on the model alone: the one written when the
+    //  request came in serves every attempt on a channel with that model.
+    if (!req->upbody_model || !channel->model ||
+        !streq (req->upbody_model, channel->model)) {
+        req->upbody.size = 0;
+        req->upbody_model = NULL;
+        if (s_body_json (req, channel->model, &req->upbody)) {
+            s_note_failure (
+                req, false, false, "request body could not be written as JSON");
+            return -1;
+        }
+        req->upbody_model = channel->model;
     }
     CURL *easy = self->pool_size ? self->pool[--self->pool_size] : curl_easy_init ();
     if (!easy) {
@@ -1580,8 +1589,9 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
         //  Validate the body once: later attempts only change the model.
         if (s_body_json (req, req->channels[0].model, &req->upbody))
             problem = "the request body must be a JSON object";
+        else
+            req->upbody_model = req->channels[0].model;
         req->prompt_est = (req->upbody.size + 3) / 4;
-        req->upbody.size = 0;
     }
     if (!problem && req->deadline && gw_time_ms () >= req->deadline) {
         problem = "request deadline passed";
@@ -2749,6 +2759,26 @@ gw_bridge_test (bool verbose)
     assert (streq (s_channel_of (&result), "b"));
     assert (gw_envelope_ann_int (result.envelope, "attempts", 0) == 2);
     s_result_clear (&result);
+    //  ... where the second channel names another model, the body sent to
+    //  it is written for that model (the first attempt's is reused only
+    //  for the same model).
+    {
+        char a_gpt[256], b_mini[256], plan_ab_mini[1024];
+        snprintf (a_gpt, sizeof (a_gpt), ch, "fo-a", mock_a.port, "mock-gpt", 5000);
+        snprintf (
+            b_mini, sizeof (b_mini), ch, "fo-b", mock_b.port, "mock-gpt-mini", 5000);
+        snprintf (plan_ab_mini, sizeof (plan_ab_mini), "[%s,%s]", a_gpt, b_mini);
+        free (s_http (&mock_b, "/_mock/reset", "{}"));
+        s_mock_config (&mock_a, "{\"status\":500,\"count\":1}");
+        s_call (client, &(s_call_t){.plan = plan_ab_mini, .body = chat}, &result);
+        assert (result.status == 200);
+        assert (streq (s_channel_of (&result), "fo-b"));
+        char *b_stats = s_http (&mock_b, "/_mock/stats", NULL);
+        assert (strstr (b_stats, "\"model\":\"mock-gpt-mini\""));
+        assert (!strstr (b_stats, "\"model\":\"mock-gpt\""));
+        free (b_stats);
+        s_result_clear (&result);
+    }
     //  ... and from a refused port, for a stream too.
     s_call (client, &(s_call_t){.plan = plan_dead_b, .body = chat_stream, .stream = true},
         &result);
