@@ -489,6 +489,21 @@ def wrk(port: int, stream: bool, conc: int, seconds: int, body: Path) -> Dict[st
     return res
 
 
+def settle(pids: Dict[str, int], limit: float = 5.0) -> None:
+    """Wait until the processes have used no CPU for 200 ms (at most limit
+    seconds): a run must not start while an earlier one's backlog (streams
+    cut off by wrk's stop, billing's batches), on any target sharing the
+    cores, is still being worked off."""
+    end = time.time() + limit
+    last = cpu_sample(pids)
+    while time.time() < end:
+        time.sleep(0.2)
+        now = cpu_sample(pids)
+        if sum(now.values()) - sum(last.values()) == 0:
+            return
+        last = now
+
+
 def check_target(port: int, stream: bool, body: bytes, expect_chunks: int) -> str:
     """One request by hand: "" when the answer is what a client expects."""
     try:
@@ -682,7 +697,7 @@ Setup, all on 127.0.0.1 and sharing the {mc['nproc']} cores with wrk and the moc
 
 {table}
 
-p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p: the aigw-gateway process; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
+p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. Each run starts once the previous one's work is done (every serving process of every target idle for 200 ms, at most 5 s). CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p: the aigw-gateway process; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
 
 Targets (issue 6, DESIGN.md §8){meta['target_note']}:
 {chr(10).join(targets)}
@@ -777,6 +792,7 @@ def bench(args) -> int:
                     for t in TARGETS:
                         pids = {"direct": mock_pids, "nginx": nginx_pids,
                                 "aigw": aigw.pids(), "aigw-1p": aigw1p.pids()}[t]
+                        settle({**mock_pids, **nginx_pids, **aigw.pids(), **aigw1p.pids()})
                         b0, m0 = cpu_sample(pids), cpu_sample(mock_pids)
                         r = wrk(ports[t], m == "stream", c, seconds, bodies[m])
                         b1, m1 = cpu_sample(pids), cpu_sample(mock_pids)
