@@ -69,8 +69,14 @@ UPSTREAM_KEY = "sk-upstream-bench-0123456789"
 MODEL = "gpt-4o-mini"
 PRICES = {MODEL: {"input": "0.15", "output": "0.6"}}  # USD per 1M tokens
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TARGETS = ("direct", "nginx", "aigw", "aigw-1p")
-AIGWS = ("aigw", "aigw-1p")
+# aigw-rp (co-located, Redis and PostgreSQL) joins when make bench runs the
+# e2e section inside tests/harness/services.sh (AIGW_TEST_PG_URL and
+# AIGW_TEST_REDIS_URL set).
+TARGETS = ["direct", "nginx", "aigw", "aigw-1p"]
+AIGWS = ["aigw", "aigw-1p"]
+LAYOUT = {"aigw": "separate processes, SQLite, in-process counters",
+          "aigw-1p": "one process, SQLite, in-process counters",
+          "aigw-rp": "one process, Redis and PostgreSQL"}
 CONCURRENCY = (1, 16, 64)
 MODES = ("chat", "stream")
 
@@ -358,11 +364,14 @@ class Aigw:
     every C stage as actors of one aigw-gateway process."""
 
     def __init__(self, procs: Procs, tmp: Path, mock_port: int,
-                 profile: Optional[str] = None, colocated: bool = False) -> None:
+                 profile: Optional[str] = None, colocated: bool = False,
+                 pg_url: str = "", redis_url: str = "") -> None:
         self.procs = procs
         self.colocated = colocated
-        self.prefix = "aigw1p-" if colocated else "aigw-"
-        tmp = tmp / ("one-process" if colocated else "processes")
+        self.pg_url, self.redis_url = pg_url, redis_url
+        self.name = "aigw-rp" if pg_url else "aigw-1p" if colocated else "aigw"
+        self.prefix = {"aigw": "aigw-", "aigw-1p": "aigw1p-", "aigw-rp": "aigwrp-"}[self.name]
+        tmp = tmp / {"aigw": "processes", "aigw-1p": "one-process", "aigw-rp": "redis-pg"}[self.name]
         tmp.mkdir(exist_ok=True)
         self.b = build_dir()
         have = lambda s: os.access(self.b / f"aigw-{s}", os.X_OK)  # noqa: E731
@@ -413,6 +422,8 @@ class Aigw:
                     "RATE_LIMIT_REQUESTS_PER_MINUTE": "1000000000",
                     "RATE_LIMIT_BURST": "1000000000",
                     "AIGW_PRICES_FILE": str(tmp / "prices.json")}
+        if pg_url:
+            self.env.update({"DATABASE_URL": pg_url, "REDIS_URL": redis_url})
         (tmp / "var").mkdir(exist_ok=True)
         (tmp / "prices.json").write_text(json.dumps(PRICES))
 
@@ -434,9 +445,9 @@ class Aigw:
             if self.profile == "gateway":
                 argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                         f"--callgrind-out-file={self.tmp}/callgrind.out.gateway"] + argv
-            self.procs.start("aigw1p-gateway", argv, env)
+            self.procs.start(f"{self.prefix}gateway", argv, env)
             wait_http(self.port, "/health/ready", 60 if self.profile else 15, self.procs,
-                      ["aigw1p-gateway"])
+                      [f"{self.prefix}gateway"])
             return self
         self.procs.start("aigw-broker", self.argv("broker"), self.env)
         time.sleep(0.2)
@@ -446,6 +457,14 @@ class Aigw:
         wait_http(self.port, "/health/ready", 60 if self.profile else 15, self.procs, names)
         return self
 
+    def pg_version(self) -> str:
+        try:
+            out = subprocess.run(["psql", self.pg_url, "-Atc", "SHOW server_version"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+            return out.split()[0] if out else "?"
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
     def pids(self) -> Dict[str, int]:
         return {n: p.pid for n, p, _ in self.procs.procs if n.startswith(self.prefix)}
 
@@ -453,6 +472,11 @@ class Aigw:
         parts = ["broker", "edge"] + [s for s in ("auth", "ratelimit", "router", "bridge",
                                                   "billing") if s in self.stages]
         missing = [s for s, ok in self.optional.items() if not ok]
+        if self.pg_url:
+            return (f"aigw-rp: as aigw-1p, with the rate-limit counters and holds in Redis "
+                    f"(REDIS_URL) and the store (keys, prices, the ledger) in PostgreSQL "
+                    f"(DATABASE_URL), both local servers on loopback started for the bench, "
+                    f"PostgreSQL {self.pg_version()} with its durable defaults (fsync on)")
         if self.colocated:
             return (f"aigw-1p: the same stages ({', '.join(parts)}) and configuration as actors of one "
                     f"aigw-gateway process over inproc (co-location, docs/OPERATIONS.md), "
@@ -487,6 +511,21 @@ def wrk(port: int, stream: bool, conc: int, seconds: int, body: Path) -> Dict[st
     res["errors"] = sum(res[k] for k in ("connect", "read", "write", "status", "timeout"))
     res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
     return res
+
+
+def backing_pids() -> Dict[str, int]:
+    """Redis and PostgreSQL (master and its backends) of the aigw-rp layout,
+    started by tests/harness/services.sh; empty when they are not there."""
+    pids: Dict[str, int] = {}
+    try:
+        pids["redis"] = int(Path(os.environ["REDISTEST_DIR"], "redis.pid").read_text().split()[0])
+        pg = Path(os.environ["PGTEST_DIR"])
+        master = int((pg / "data" / "postmaster.pid").read_text().split()[0])
+        pids["postgres"] = master
+        pids.update({f"postgres-{c}": c for c in children_of(master)})
+    except (KeyError, OSError, ValueError, IndexError):
+        return {}
+    return pids
 
 
 def settle(pids: Dict[str, int], limit: float = 5.0) -> None:
@@ -593,6 +632,8 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
                 "p99": statistics.median(r["p99"] for r in runs),
                 "cpu": sum(r["cpu_us"] * r["requests"] for r in runs) / max(1, reqs),
                 "mock_cpu": sum(r["mock_cpu_us"] * r["requests"] for r in runs) / max(1, reqs),
+                "backing_cpu": sum(r.get("backing_cpu_us", 0) * r["requests"]
+                                   for r in runs) / max(1, reqs),
                 "errors": sum(r["errors"] for r in runs), "requests": reqs}
 
     A = {(m, c, t): agg(m, c, t) for m in MODES for c in CONCURRENCY for t in TARGETS}
@@ -666,7 +707,7 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
         ]
     targets = []
     for t in AIGWS:
-        targets.append(f"**{t}** ({'separate processes' if t == 'aigw' else 'one process'}):")
+        targets.append(f"**{t}** ({LAYOUT[t]}):")
         targets += target_lines(t)
 
     # Per-process CPU, non-streaming and streaming at c64
@@ -679,25 +720,29 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
             for m in MODES) + " |")
     bl.append("| **all** | " + " | ".join(f"**{A[(m, 64, 'aigw')]['cpu']:.0f}**"
                                           for m in MODES) + " |")
-    bl.append("| aigw-gateway (aigw-1p, one process) | " + " | ".join(
-        f"{A[(m, 64, 'aigw-1p')]['cpu']:.0f}" for m in MODES) + " |")
+    for t in AIGWS[1:]:
+        bl.append(f"| aigw-gateway ({t}, {LAYOUT[t]}) | " + " | ".join(
+            f"{A[(m, 64, t)]['cpu']:.0f}" for m in MODES) + " |")
+    if "aigw-rp" in AIGWS:
+        bl.append("| Redis + PostgreSQL serving aigw-rp (not in its figures above) | " + " | ".join(
+            f"{A[(m, 64, 'aigw-rp')]['backing_cpu']:.0f}" for m in MODES) + " |")
     breakdown = "\n".join(bl)
 
     mc = meta["machine"]
     problems = meta["problems"]
+    describe = "\n".join(f"- {d};" for d in meta["describe"])
     section = f"""Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {mc['nproc']} cores ({mc['cpu']}), Linux {mc['kernel']}, {mc['os']}, libzmq {mc['libzmq']}, nginx {mc['nginx']}, wrk {mc['wrk']}; 1-minute load average {mc['load']} at the start (anything above ~0 means other work shared the cores).
 Command: `{meta['command']}` ({meta['mode']}: {meta['rounds']} interleaved round(s) of {meta['seconds']} s per wrk run; wrk -t1 at concurrency 1, -t2 above).
 
 Setup, all on 127.0.0.1 and sharing the {mc['nproc']} cores with wrk and the mock:
 - mock provider: nginx, 1 worker, fixed chat.completion ({meta['resp_bytes']} bytes) from memory; streams: {meta['chunks']} chat.completion.chunk events + a usage chunk + `[DONE]` ({meta['sse_bytes']} bytes, one static file);
 - nginx: reverse proxy, 1 worker, keep-alive upstream (HTTP/1.1), proxy_buffering off for streams;
-- {meta['aigw']};
-- {meta['aigw1p']};
+{describe}
 - client: wrk with tests/bench/chat.lua, POST of a {meta['req_bytes']}-byte chat body (streams: {meta['req_stream_bytes']} bytes, `stream_options.include_usage`), `Authorization: Bearer …`.
 
 {table}
 
-p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. Each run starts once the previous one's work is done (every serving process of every target idle for 200 ms, at most 5 s). CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p: the aigw-gateway process; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
+p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. Each run starts once the previous one's work is done (every serving process of every target idle for 200 ms, at most 5 s). CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p, aigw-rp: the aigw-gateway process, not Redis or PostgreSQL; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
 
 Targets (issue 6, DESIGN.md §8){meta['target_note']}:
 {chr(10).join(targets)}
@@ -755,11 +800,23 @@ def bench(args) -> int:
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     try:
         mock_port, proxy_port, aigw = setup(procs, tmp, chunks)
-        aigw1p = Aigw(procs, tmp, mock_port, colocated=True).start()
-        ports = {"direct": mock_port, "nginx": proxy_port, "aigw": aigw.port,
-                 "aigw-1p": aigw1p.port}
-        log(aigw.describe())
-        log(aigw1p.describe())
+        gateways = [aigw, Aigw(procs, tmp, mock_port, colocated=True).start()]
+        pg_url = os.environ.get("AIGW_TEST_PG_URL", "")
+        redis_url = os.environ.get("AIGW_TEST_REDIS_URL", "")
+        if pg_url and redis_url:
+            gateways.append(Aigw(procs, tmp, mock_port, colocated=True, pg_url=pg_url,
+                                 redis_url=redis_url).start())
+            if "aigw-rp" not in TARGETS:
+                TARGETS.append("aigw-rp")
+                AIGWS.append("aigw-rp")
+        else:
+            log("AIGW_TEST_PG_URL/AIGW_TEST_REDIS_URL not set (make bench sets them): "
+                "aigw-rp, the Redis and PostgreSQL layout, is not measured")
+        by_name = {g.name: g for g in gateways}
+        ports = {"direct": mock_port, "nginx": proxy_port,
+                 **{g.name: g.port for g in gateways}}
+        for g in gateways:
+            log(g.describe())
         bodies = {}
         for m in MODES:
             bodies[m] = tmp / f"body-{m}.json"
@@ -790,14 +847,21 @@ def bench(args) -> int:
             for m in MODES:
                 for c in CONCURRENCY:
                     for t in TARGETS:
-                        pids = {"direct": mock_pids, "nginx": nginx_pids,
-                                "aigw": aigw.pids(), "aigw-1p": aigw1p.pids()}[t]
-                        settle({**mock_pids, **nginx_pids, **aigw.pids(), **aigw1p.pids()})
+                        pids = {"direct": mock_pids, "nginx": nginx_pids}[t] \
+                            if t in ("direct", "nginx") else by_name[t].pids()
+                        every = {**mock_pids, **nginx_pids}
+                        for g in gateways:
+                            every.update(g.pids())
+                        settle(every)
+                        backing = backing_pids() if t == "aigw-rp" else {}
                         b0, m0 = cpu_sample(pids), cpu_sample(mock_pids)
+                        k0 = cpu_sample(backing)
                         r = wrk(ports[t], m == "stream", c, seconds, bodies[m])
                         b1, m1 = cpu_sample(pids), cpu_sample(mock_pids)
+                        k1 = cpu_sample(backing)
                         r["cpu_us"] = us_per_req(b0, b1, r["requests"])
                         r["mock_cpu_us"] = us_per_req(m0, m1, r["requests"])
+                        r["backing_cpu_us"] = us_per_req(k0, k1, r["requests"]) if backing else 0
                         if t == "aigw":
                             for n in b1:
                                 cpu_by_proc[(m, c)][n] = cpu_by_proc[(m, c)].get(n, 0) + \
@@ -820,7 +884,7 @@ def bench(args) -> int:
                 err = check_target(ports[t], m == "stream", request_body(m == "stream"), chunks + 1)
                 if err:
                     problems.append(f"after the load, {t} {m}: {err}")
-        for n in list(aigw.pids()) + list(aigw1p.pids()):
+        for n in [n for g in gateways for n in g.pids()]:
             out = [ln for ln in procs.output(n).splitlines() if ln.strip()]
             if out:
                 problems.append(f"{n} logged {len(out)} line(s) at warn or above, e.g. "
@@ -838,7 +902,8 @@ def bench(args) -> int:
                 "rounds": rounds, "seconds": seconds, "chunks": chunks,
                 "resp_bytes": len(completion_json()), "sse_bytes": len(sse_body(chunks)),
                 "req_bytes": len(request_body(False)), "req_stream_bytes": len(request_body(True)),
-                "aigw": aigw.describe(), "aigw1p": aigw1p.describe(), "problems": problems, "target_note": target_note}
+                "describe": [g.describe() for g in gateways], "problems": problems,
+                "target_note": target_note}
         section, summary = build_report(res, cpu_by_proc, meta)
         print()
         print(summary)

@@ -77,7 +77,9 @@ if [ -z "$ONLY" ] || [ "$ONLY" = bus ]; then
     bus_bench
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = e2e ]; then
-    AIGW_BUILD=$B /usr/bin/python3 tests/bench/e2e.py
+    # inside throwaway Redis and PostgreSQL servers (durable settings), for
+    # the aigw-rp layout
+    PGTEST_DURABILITY= AIGW_BUILD=$B tests/harness/services.sh /usr/bin/python3 tests/bench/e2e.py
 fi
 if [ -z "$ONLY" ] || [ "$ONLY" = local ]; then
     AIGW_BUILD="$B" /usr/bin/python3 tests/bench/local.py

@@ -4,7 +4,9 @@
 #
 #   tests/harness/services.sh make selftest     # servers up, command, servers down
 #
-# Exports AIGW_TEST_PG_URL (postgresql://postgres@127.0.0.1:PORT/postgres),
+# PostgreSQL runs without fsync (tests need no durability) unless
+# PGTEST_DURABILITY is set, e.g. to "" for the server's durable defaults
+# (make bench). Exports AIGW_TEST_PG_URL (postgresql://postgres@127.0.0.1:PORT/postgres),
 # AIGW_TEST_REDIS_URL (redis://127.0.0.1:PORT) and the raw parts
 # PGTEST_PORT, REDISTEST_PORT, REDISTEST_DIR for tests that stop and restart Redis.
 set -uo pipefail
@@ -19,7 +21,7 @@ start_postgres() {
       runuser -u postgres -- "$PG_BIN/initdb" -D "$PGTEST_DIR/data" -U postgres -A trust \
           --no-sync -E UTF8 --locale=C.UTF-8 >"$PGTEST_DIR/initdb.log" 2>&1 &&
       runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGTEST_DIR/data" -l "$PGTEST_DIR/server.log" -w -t 30 \
-          -o "-p $PGTEST_PORT -k $PGTEST_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200" \
+          -o "-p $PGTEST_PORT -k $PGTEST_DIR -c listen_addresses=127.0.0.1 ${PGTEST_DURABILITY--c fsync=off -c synchronous_commit=off -c full_page_writes=off} -c max_connections=200" \
           start >/dev/null ) || { cat "$PGTEST_DIR"/*.log >&2; return 1; }
     AIGW_TEST_PG_URL="postgresql://postgres@127.0.0.1:$PGTEST_PORT/postgres"
     export PGTEST_DIR PGTEST_PORT AIGW_TEST_PG_URL
