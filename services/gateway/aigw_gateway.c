@@ -16,7 +16,11 @@
 //  auth, ratelimit and router run as one actor (gw_stage: one thread, a
 //  direct call from auth to ratelimit to router instead of two trips through
 //  the broker; each still its own service on the bus) unless AIGW_FUSE=0.
-//  Whichever two or three of them AIGW_STAGES lists are fused. The fused
+//  Whichever two or three of them AIGW_STAGES lists are fused. With Redis
+//  (REDIS_URL or REDIS_ADDR), ratelimit waits for a Redis round trip per
+//  call: fused, auth and the router would wait behind every one of them
+//  (docs/PERFORMANCE.md: p99 at concurrency 64 ~800 ms fused, ~60 ms not),
+//  so ratelimit keeps a thread of its own then, unless AIGW_FUSE=1. The fused
 //  actor's sessions all take the capacity of its first stage in that order
 //  (AIGW_AUTH_CAPACITY, else AIGW_RATELIMIT_CAPACITY, else
 //  AIGW_ROUTER_CAPACITY): a request handed on inside the actor holds one
@@ -24,7 +28,8 @@
 //
 //  Environment: AIGW_STAGES (comma-separated, default
 //  edge,auth,ratelimit,router,bridge,billing: which stages run inside),
-//  AIGW_FUSE (default 1),
+//  AIGW_FUSE (default auto: fuse, except ratelimit with Redis; 1: fuse all;
+//  0: none),
 //  AIGW_BUS, AIGW_TAP, the broker's AIGW_HEARTBEAT_MS, AIGW_EXPIRY_MS,
 //  AIGW_GRACE_MS, AIGW_QUEUE_MAX, AIGW_BODY_MAX (aigw-broker's options), and
 //  every variable of the stages it runs.
@@ -77,17 +82,26 @@ static const char *s_fusable[][2] = {{"auth", "AIGW_AUTH_CAPACITY"},
     {"ratelimit", "AIGW_RATELIMIT_CAPACITY"}, {"router", "AIGW_ROUTER_CAPACITY"}};
 #define FUSABLE (sizeof (s_fusable) / sizeof (s_fusable[0]))
 
-//  True if stage is fused: fusing is on and stage is one of at least two
-//  fusable stages in list.
+//  True if stage may join the fused actor (AIGW_FUSE, above).
+static bool
+s_fusable_stage (const char *stage)
+{
+    const char *fuse = gw_env ("AIGW_FUSE", "auto");
+    if (streq (fuse, "0"))
+        return false;
+    bool redis = *gw_env ("REDIS_URL", "") || *gw_env ("REDIS_ADDR", "");
+    return !(streq (stage, "ratelimit") && redis && !streq (fuse, "1"));
+}
+
+//  True if stage is fused: it may be, and it is one of at least two such
+//  stages in list.
 static bool
 s_fused (const char *list, const char *stage)
 {
-    if (streq (gw_env ("AIGW_FUSE", "1"), "0"))
-        return false;
     size_t listed = 0;
     bool member = false;
     for (size_t i = 0; i < FUSABLE; i++)
-        if (s_listed (list, s_fusable[i][0])) {
+        if (s_listed (list, s_fusable[i][0]) && s_fusable_stage (s_fusable[i][0])) {
             listed++;
             member |= streq (stage, s_fusable[i][0]);
         }
@@ -106,7 +120,7 @@ s_launch_fused (const char *list)
     const char *capacity = s_fusable[0][1];  //  the first fused stage's
     for (size_t i = 0; i < FUSABLE; i++) {
         const char *stage = s_fusable[i][0];
-        if (!s_listed (list, stage))
+        if (!s_listed (list, stage) || !s_fusable_stage (stage))
             continue;
         if (streq (stage, "auth")) {
             gw_auth_t *auth = gw_auth_new_env ();
@@ -206,7 +220,7 @@ main (int argc, char *argv[])
         s_bind (broker, "BIND", gw_env ("AIGW_BUS", "tcp://127.0.0.1:5555")) ||
         s_bind (broker, "TAP", gw_env ("AIGW_TAP", "tcp://127.0.0.1:5556")))
         goto done;
-    //  auth, ratelimit and router share a thread unless AIGW_FUSE=0: the
+    //  auth, ratelimit and router share a thread (AIGW_FUSE, above): the
     //  actor takes the slot of the first of them (auth's or ratelimit's
     //  slot gets SIGHUP's RELOAD).
     bool fused = false;

@@ -18,6 +18,7 @@ Run: tests/harness/services.sh /usr/bin/python3 -m pytest -q -p no:cacheprovider
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -25,7 +26,7 @@ from typing import Dict, List
 
 import pytest
 
-from conftest import BUILD, wait_for
+from conftest import BUILD, require_env, wait_for
 from gateway import KEY, STAGES, ChunkedReader, assert_openai_error, binary, channel, chat, \
     sse_events, write_json_atomic
 
@@ -127,7 +128,7 @@ def _tap_topics(tap) -> Dict[str, List[str]]:
     return topics
 
 
-@pytest.mark.parametrize("fuse", ["1", "0"])
+@pytest.mark.parametrize("fuse", ["1", "0", "redis", "redis+1"])
 def test_admission_and_router_in_one_thread(make_mock, make_gateway, procs,
                                             fuse: str) -> None:
     """Co-located auth, ratelimit and router run as one actor: a request auth
@@ -135,10 +136,17 @@ def test_admission_and_router_in_one_thread(make_mock, make_gateway, procs,
     (aigw-tap) sees the request's REQUEST for auth and then its FORWARD to
     the bridge, with no FORWARD to ratelimit or the router in between; both
     still decided (the x-ratelimit headers, the channel the router chose).
-    AIGW_FUSE=0 keeps the trips through the broker."""
+    AIGW_FUSE=0 keeps the trips through the broker. With Redis, ratelimit
+    keeps its own thread (its Redis round trips would hold up the others)
+    unless AIGW_FUSE=1."""
+    env = {"RATE_LIMIT_REQUESTS_PER_MINUTE": "1000",
+           "AIGW_FUSE": {"1": "1", "0": "0", "redis": "", "redis+1": "1"}[fuse]}
+    redis_url = None
+    if fuse.startswith("redis"):
+        redis_url = require_env("AIGW_TEST_REDIS_URL")
+        env["AIGW_RATELIMIT_PREFIX"] = f"fuse-{os.getpid()}-{time.time_ns()}"
     mock = make_mock()
-    gw = make_gateway([channel("a", mock)], colocated=ALL,
-                      env={"RATE_LIMIT_REQUESTS_PER_MINUTE": "1000", "AIGW_FUSE": fuse})
+    gw = make_gateway([channel("a", mock)], colocated=ALL, env=env, redis_url=redis_url)
     tap = procs.start("aigw-tap", [str(BUILD / "aigw-tap"), "--tap", gw.broker.tap, "--json",
                                    "--timeout-ms", "3000"])
     topics: Dict[str, List[str]] = {}
@@ -154,7 +162,7 @@ def test_admission_and_router_in_one_thread(make_mock, make_gateway, procs,
     wait_for(seen_whole_request, 10, "the tap to see one whole request", interval=0.1)
     whole = [t for t in topics.values() if t[0] == "auth.REQUEST" and t[-1] == "bridge.FINAL"]
     expected = (["auth.REQUEST", "bridge.FORWARD", "bridge.FINAL"]
-                if fuse == "1" else
+                if fuse in ("1", "redis+1") else
                 ["auth.REQUEST", "ratelimit.FORWARD", "router.FORWARD", "bridge.FORWARD",
                  "bridge.FINAL"])
     assert whole[0] == expected, whole
