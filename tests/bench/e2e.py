@@ -473,7 +473,8 @@ class Aigw:
                                                   "billing") if s in self.stages]
         missing = [s for s, ok in self.optional.items() if not ok]
         if self.pg_url:
-            return (f"aigw-rp: as aigw-1p, with the rate-limit counters and holds in Redis "
+            return (f"aigw-rp: as aigw-1p (but ratelimit in a thread of its own, the "
+                    f"default with Redis: AIGW_FUSE), with the rate-limit counters and holds in Redis "
                     f"(REDIS_URL) and the store (keys, prices, the ledger) in PostgreSQL "
                     f"(DATABASE_URL), both local servers on loopback started for the bench, "
                     f"PostgreSQL {self.pg_version()} with its durable defaults (fsync on)")
