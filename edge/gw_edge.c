@@ -166,15 +166,8 @@ static void
 s_add_int (msgpack_sbuffer *sb, int64_t value)
 {
     char digits[24];
-    size_t at = sizeof (digits);
-    uint64_t left = value < 0 ? 0 - (uint64_t)value : (uint64_t)value;
-    do {
-        digits[--at] = (char)('0' + left % 10);
-        left /= 10;
-    } while (left);
-    if (value < 0)
-        digits[--at] = '-';
-    msgpack_sbuffer_write (sb, digits + at, sizeof (digits) - at);
+    uint64_t magnitude = value < 0 ? 0 - (uint64_t)value : (uint64_t)value;
+    msgpack_sbuffer_write (sb, digits, gw_json_format_u64 (digits, magnitude, value < 0));
 }
 
 //  Append "name: value\r\n".

@@ -526,40 +526,6 @@ gw_envelope_set_trace (gw_envelope_t *self, const char *trace)
     self->trace = trace ? strdup (trace) : NULL;
 }
 
-//  Store one string: its msgpack header (as msgpack_pack_str writes it)
-//  and its bytes, without an intermediate buffer.
-static int
-s_set_str (s_attrs_t *attrs, const char *key, const char *value)
-{
-    if (!value)
-        value = "";
-    size_t size = strlen (value);
-    uint8_t head[5];
-    size_t head_size;
-    if (size < 32) {
-        head[0] = (uint8_t)(0xa0 | size);
-        head_size = 1;
-    }
-    else if (size < 256) {
-        head[0] = 0xd9;
-        head[1] = (uint8_t)size;
-        head_size = 2;
-    }
-    else if (size < 65536) {
-        head[0] = 0xda;
-        head[1] = (uint8_t)(size >> 8);
-        head[2] = (uint8_t)size;
-        head_size = 3;
-    }
-    else {
-        head[0] = 0xdb;
-        for (int i = 0; i < 4; i++)
-            head[1 + i] = (uint8_t)(size >> (24 - 8 * i));
-        head_size = 5;
-    }
-    return s_attrs_set (attrs, key, strlen (key), head, head_size, value, size);
-}
-
 typedef struct {
     uint8_t data[16];
     size_t size;
@@ -574,6 +540,21 @@ s_small_write (void *data, const char *buf, size_t len)
     memcpy (small->data + small->size, buf, len);
     small->size += len;
     return 0;
+}
+
+//  Store one string: the header msgpack_pack_str writes, then its bytes,
+//  without an intermediate buffer.
+static int
+s_set_str (s_attrs_t *attrs, const char *key, const char *value)
+{
+    if (!value)
+        value = "";
+    size_t size = strlen (value);
+    s_small_t head = {{0}, 0};
+    msgpack_packer pk;
+    msgpack_packer_init (&pk, &head, s_small_write);
+    msgpack_pack_str (&pk, size);
+    return s_attrs_set (attrs, key, strlen (key), head.data, head.size, value, size);
 }
 
 static int

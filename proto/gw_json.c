@@ -814,9 +814,8 @@ s_put (msgpack_sbuffer *out, const void *data, size_t size)
     return msgpack_sbuffer_write (out, (const char *)data, size);
 }
 
-//  Decimal digits of value into buffer (at least 21 bytes); returns length.
-static size_t
-s_format_u64 (char *buffer, uint64_t value, bool negative)
+size_t
+gw_json_format_u64 (char *buffer, uint64_t value, bool negative)
 {
     char digits[20];
     size_t count = 0;
@@ -870,12 +869,12 @@ s_emit (s_emit_t *self, int depth_left)
             rc = value.v.b ? s_put (self->out, "true", 4) : s_put (self->out, "false", 5);
             break;
         case GW_MP_UINT:
-            rc = s_put (self->out, number, s_format_u64 (number, value.v.u, false));
+            rc = s_put (self->out, number, gw_json_format_u64 (number, value.v.u, false));
             break;
         case GW_MP_INT:
             //  Magnitude without overflowing on INT64_MIN.
             rc = s_put (self->out, number,
-                s_format_u64 (number, (uint64_t)(-(value.v.i + 1)) + 1, true));
+                gw_json_format_u64 (number, (uint64_t)(-(value.v.i + 1)) + 1, true));
             break;
         case GW_MP_FLOAT:
             if (!isfinite (value.v.f))

@@ -68,6 +68,11 @@ int gw_json_from_msgpack (const void *data, size_t size, msgpack_sbuffer *out,
 //  Returns 0, or -1 if text (size bytes) is not valid UTF-8.
 int gw_json_escape (const char *text, size_t size, msgpack_sbuffer *out);
 
+//  Decimal digits of value, after a '-' when negative, into buffer (at
+//  least 21 bytes, not terminated); returns the length. For -n pass n's
+//  magnitude as value.
+size_t gw_json_format_u64 (char *buffer, uint64_t value, bool negative);
+
 //  Self test of this class. Reads the JSONTestSuite cases from
 //  gw_testdata_path ("JSONTestSuite/test_parsing").
 void gw_json_test (bool verbose);

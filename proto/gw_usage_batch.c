@@ -83,22 +83,26 @@ gw_usage_batch_decode (const void *data, size_t size, gw_usage_item_t *items,
     return (int)count;
 }
 
-void
-gw_usage_batch_pack_head (msgpack_packer *pk, uint32_t count)
+//  {name: [ then count items follow.
+static void
+s_pack_container (msgpack_packer *pk, const char *name, uint32_t count)
 {
     assert (pk);
     msgpack_pack_map (pk, 1);
-    gw_mpack_str (pk, "events");
+    gw_mpack_str (pk, name);
     msgpack_pack_array (pk, count);
+}
+
+void
+gw_usage_batch_pack_head (msgpack_packer *pk, uint32_t count)
+{
+    s_pack_container (pk, "events", count);
 }
 
 void
 gw_usage_batch_pack_results (msgpack_packer *pk, uint32_t count)
 {
-    assert (pk);
-    msgpack_pack_map (pk, 1);
-    gw_mpack_str (pk, "results");
-    msgpack_pack_array (pk, count);
+    s_pack_container (pk, "results", count);
 }
 
 void
