@@ -1248,26 +1248,31 @@ s_int (const redisReply *reply, int64_t *value)
     return true;
 }
 
-//  Call the admit script. Returns 0 admitted, 1 refused, -1 unavailable.
-static int
-s_redis_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
-    char keys[][KEY_MAX], const char *rid_hex, const s_windows_t *windows, int64_t ref_ms,
-    const char *scope_list, gw_limiter_result_t *result)
-{
-    //  KEYS: record, then 9 per scope. ARGV: 1 now µs (0 = TIME), 2 rid,
-    //  3 tokens, 4 cost, 5 lease ms, 6 scopes, 7 budget TTL ms, 8..11
-    //  window ends, 12..15 window expiries, 16 reference ms, 17 scope list,
-    //  then 17 numbers per scope (rpm, burst, tpm, concurrency, requests[4],
-    //  tokens[4], cost[4], budget).
-    size_t nkeys = 1 + request->scopes * KEYS_PER_SCOPE;
-    size_t nargs = 17 + request->scopes * ARGS_PER_SCOPE;
-    size_t argc = 3 + nkeys + nargs;
+//  Arguments of the admit script, from argv[2] on (s_eval fills 0 and 1),
+//  pointing into keys, rid_hex, scope_list and numbers. Returns argc.
+//  KEYS: record, then 9 per scope. ARGV: 1 now µs (0 = TIME), 2 rid,
+//  3 tokens, 4 cost, 5 lease ms, 6 scopes, 7 budget TTL ms, 8..11 window
+//  ends, 12..15 window expiries, 16 reference ms, 17 scope list, then 17
+//  numbers per scope (rpm, burst, tpm, concurrency, requests[4], tokens[4],
+//  cost[4], budget).
+typedef struct {
     const char *argv[3 + KEYS_MAX + 17 + GW_LIMITER_SCOPES_MAX * ARGS_PER_SCOPE];
     size_t lens[3 + KEYS_MAX + 17 + GW_LIMITER_SCOPES_MAX * ARGS_PER_SCOPE];
     char numbers[17 + GW_LIMITER_SCOPES_MAX * ARGS_PER_SCOPE][24];
-    char nkeys_text[8];
-    snprintf (nkeys_text, sizeof (nkeys_text), "%zu", nkeys);
-    argv[2] = nkeys_text;
+    char nkeys[8];
+} s_admit_args_t;
+
+static size_t
+s_admit_args (gw_limiter_t *self, const gw_limiter_request_t *request,
+    char keys[][KEY_MAX], const char *rid_hex, const s_windows_t *windows, int64_t ref_ms,
+    const char *scope_list, s_admit_args_t *args)
+{
+    size_t nkeys = 1 + request->scopes * KEYS_PER_SCOPE;
+    size_t nargs = 17 + request->scopes * ARGS_PER_SCOPE;
+    size_t argc = 3 + nkeys + nargs;
+    const char **argv = args->argv;
+    snprintf (args->nkeys, sizeof (args->nkeys), "%zu", nkeys);
+    argv[2] = args->nkeys;
     for (size_t i = 0; i < nkeys; i++)
         argv[3 + i] = keys[i];
     int64_t values[17 + GW_LIMITER_SCOPES_MAX * ARGS_PER_SCOPE];
@@ -1301,21 +1306,26 @@ s_redis_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
     }
     assert (v == nargs);
     for (size_t i = 0; i < nargs; i++) {
-        snprintf (numbers[i], sizeof (numbers[i]), "%" PRId64, values[i]);
-        argv[3 + nkeys + i] = numbers[i];
+        snprintf (args->numbers[i], sizeof (args->numbers[i]), "%" PRId64, values[i]);
+        argv[3 + nkeys + i] = args->numbers[i];
     }
     argv[3 + nkeys + 1] = rid_hex;
     argv[3 + nkeys + 16] = scope_list;
     for (size_t i = 2; i < argc; i++)
-        lens[i] = strlen (argv[i]);
-    redisReply *reply = s_eval (self, true, (int)argc, argv, lens);
-    if (!reply)
-        return -1;
+        args->lens[i] = strlen (argv[i]);
+    return argc;
+}
+
+//  Read the admit script's answer into result: 0 admitted, 1 refused, -1
+//  if it is not a valid answer (logged).
+static int
+s_admit_reply (const redisReply *reply, const gw_limiter_request_t *request,
+    gw_limiter_result_t *result)
+{
     int64_t f[10];
     bool ok = reply->type == REDIS_REPLY_ARRAY && reply->elements == 10;
     for (size_t i = 0; ok && i < 10; i++)
         ok = s_int (reply->element[i], &f[i]);
-    freeReplyObject (reply);
     if (!ok || f[0] < 0 || f[0] > 2 || f[1] < 0 || f[1] > GW_LIMIT_BUDGET || f[2] < -1 ||
         f[2] >= (int64_t)request->scopes) {
         gw_error ("ratelimit: Redis answered the admit script with an unexpected reply");
@@ -1331,6 +1341,23 @@ s_redis_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
     result->limit_tokens = f[7], result->remaining_tokens = f[8];
     result->reset_tokens_ms = f[9];
     return result->admitted ? 0 : 1;
+}
+
+//  Call the admit script. Returns 0 admitted, 1 refused, -1 unavailable.
+static int
+s_redis_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
+    char keys[][KEY_MAX], const char *rid_hex, const s_windows_t *windows, int64_t ref_ms,
+    const char *scope_list, gw_limiter_result_t *result)
+{
+    s_admit_args_t args;
+    size_t argc =
+        s_admit_args (self, request, keys, rid_hex, windows, ref_ms, scope_list, &args);
+    redisReply *reply = s_eval (self, true, (int)argc, args.argv, args.lens);
+    if (!reply)
+        return -1;
+    int rc = s_admit_reply (reply, request, result);
+    freeReplyObject (reply);
+    return rc;
 }
 
 //  --------------------------------------------------------------------------
@@ -1353,13 +1380,10 @@ s_join (const gw_limiter_request_t *request, char *out, size_t size)
             out + used, size - used, "%s%s", i ? "\n" : "", request->scope[i]);
 }
 
-int
-gw_limiter_admit (
-    gw_limiter_t *self, const gw_limiter_request_t *request, gw_limiter_result_t *result)
+static void
+s_admit_check (const gw_limiter_request_t *request)
 {
-    assert (self);
     assert (request);
-    assert (result);
     assert (request->scopes <= GW_LIMITER_SCOPES_MAX);
     assert (request->lease_ms > 0);
     for (size_t i = 0; i < request->scopes; i++) {
@@ -1367,38 +1391,151 @@ gw_limiter_admit (
         assert (strlen (request->scope[i]) <= GW_LIMITER_SCOPE_MAX);
         assert (!strchr (request->scope[i], '\n'));
     }
-    s_result_init (result);
+}
+
+//  What an admission needs besides the request: its rid in hex, its scope
+//  list, the windows of now and every key.
+typedef struct {
     char rid_hex[33];
-    gw_rid_hex (request->rid, rid_hex);
     char scope_list[GW_LIMITER_SCOPES_MAX * (GW_LIMITER_SCOPE_MAX + 1) + 1];
-    s_join (request, scope_list, sizeof (scope_list));
-    char keys[KEYS_MAX][KEY_MAX];
-    pthread_mutex_lock (&self->mutex);
-    double now = s_now_us (self);
-    int64_t ref_ms = (int64_t)floor (now / 1000);
+    double now;
+    int64_t ref_ms;
     s_windows_t windows;
-    s_windows (ref_ms, &windows);
-    s_keys (self->prefix, rid_hex, request->scopes, request->scope, &windows, keys);
-    int rc;
+    char keys[KEYS_MAX][KEY_MAX];
+} s_admission_t;
+
+//  Fill admission for request (the mutex held: the clock and windows).
+static void
+s_admission (
+    gw_limiter_t *self, const gw_limiter_request_t *request, s_admission_t *admission)
+{
+    gw_rid_hex (request->rid, admission->rid_hex);
+    s_join (request, admission->scope_list, sizeof (admission->scope_list));
+    admission->now = s_now_us (self);
+    admission->ref_ms = (int64_t)floor (admission->now / 1000);
+    s_windows (admission->ref_ms, &admission->windows);
+    s_keys (self->prefix, admission->rid_hex, request->scopes, request->scope,
+        &admission->windows, admission->keys);
+}
+
+//  The answer when the back end is unavailable: the fail mode.
+static int
+s_admit_unavailable (gw_limiter_t *self, gw_limiter_result_t *result)
+{
+    self->failed_calls++;
+    s_result_init (result);
+    result->unavailable = true;
+    result->admitted = self->fail_open;
+    result->limit = self->fail_open ? GW_LIMIT_NONE : GW_LIMIT_UNAVAILABLE;
+    result->retry_after_ms = self->fail_open ? 0 : 1000;
+    return self->fail_open ? 0 : 1;
+}
+
+//  One admission, the mutex held.
+static int
+s_admit_one (
+    gw_limiter_t *self, const gw_limiter_request_t *request, gw_limiter_result_t *result)
+{
+    s_result_init (result);
+    s_admission_t admission;
+    s_admission (self, request, &admission);
     if (!self->redis)
-        rc = s_mem_admit (
-            self, request, keys, rid_hex, &windows, now, ref_ms, scope_list, result);
-    else {
-        rc = s_ready (self) ? s_redis_admit (self, request, keys, rid_hex, &windows,
-                                  ref_ms, scope_list, result)
-                            : -1;
-        if (rc < 0) {
-            self->failed_calls++;
-            s_result_init (result);
-            result->unavailable = true;
-            result->admitted = self->fail_open;
-            result->limit = self->fail_open ? GW_LIMIT_NONE : GW_LIMIT_UNAVAILABLE;
-            result->retry_after_ms = self->fail_open ? 0 : 1000;
-            rc = self->fail_open ? 0 : 1;
-        }
-    }
+        return s_mem_admit (self, request, admission.keys, admission.rid_hex,
+            &admission.windows, admission.now, admission.ref_ms, admission.scope_list,
+            result);
+    int rc = s_ready (self)
+        ? s_redis_admit (self, request, admission.keys, admission.rid_hex,
+              &admission.windows, admission.ref_ms, admission.scope_list, result)
+        : -1;
+    return rc < 0 ? s_admit_unavailable (self, result) : rc;
+}
+
+int
+gw_limiter_admit (
+    gw_limiter_t *self, const gw_limiter_request_t *request, gw_limiter_result_t *result)
+{
+    assert (self);
+    assert (result);
+    s_admit_check (request);
+    pthread_mutex_lock (&self->mutex);
+    int rc = s_admit_one (self, request, result);
     pthread_mutex_unlock (&self->mutex);
     return rc;
+}
+
+//  The batch on Redis, the mutex held and the connection up: every script
+//  call in one round trip, in order (Redis runs them one after the other,
+//  as the single calls would). An admission whose answer is not known (the
+//  connection broke, the script was not loaded, an error) is left at -2
+//  for s_admit_one: the script is idempotent per rid, so one that did run
+//  answers "already admitted" and takes nothing twice.
+static void
+s_admit_pipelined (gw_limiter_t *self, const gw_limiter_request_t *requests, size_t count,
+    gw_limiter_result_t *results, int *rcs)
+{
+    s_admission_t *admission = (s_admission_t *)malloc (sizeof (s_admission_t));
+    s_admit_args_t *args = (s_admit_args_t *)malloc (sizeof (s_admit_args_t));
+    assert (admission && args);
+    size_t sent = 0;
+    for (sent = 0; sent < count; sent++) {
+        rcs[sent] = -2;
+        s_admission (self, &requests[sent], admission);
+        size_t argc =
+            s_admit_args (self, &requests[sent], admission->keys, admission->rid_hex,
+                &admission->windows, admission->ref_ms, admission->scope_list, args);
+        args->argv[0] = "EVALSHA";
+        args->lens[0] = 7;
+        args->argv[1] = self->sha_admit;
+        args->lens[1] = 40;
+        if (redisAppendCommandArgv (self->ctx, (int)argc, args->argv, args->lens) !=
+            REDIS_OK)
+            break;
+    }
+    for (size_t i = sent; i < count; i++)
+        rcs[i] = -2;
+    bool broken = sent < count;
+    for (size_t i = 0; i < sent && !broken; i++) {
+        redisReply *reply = NULL;
+        if (redisGetReply (self->ctx, (void **)&reply) != REDIS_OK || !reply) {
+            broken = true;
+            break;
+        }
+        if (reply->type != REDIS_REPLY_ERROR) {
+            int rc = s_admit_reply (reply, &requests[i], &results[i]);
+            if (rc >= 0)
+                rcs[i] = rc;
+        }
+        freeReplyObject (reply);
+    }
+    if (broken) {
+        //  The connection's state is unknown: drop it, so that s_admit_one
+        //  connects again once (as s_command_retry) before the fail mode.
+        redisFree (self->ctx);
+        self->ctx = NULL;
+        self->retry_at = 0;
+    }
+    free (admission);
+    free (args);
+}
+
+void
+gw_limiter_admit_many (gw_limiter_t *self, const gw_limiter_request_t *requests,
+    size_t count, gw_limiter_result_t *results, int *rcs)
+{
+    assert (self);
+    assert ((requests && results && rcs) || count == 0);
+    for (size_t i = 0; i < count; i++) {
+        s_admit_check (&requests[i]);
+        s_result_init (&results[i]);
+        rcs[i] = -2;
+    }
+    pthread_mutex_lock (&self->mutex);
+    if (self->redis && count > 1 && s_ready (self))
+        s_admit_pipelined (self, requests, count, results, rcs);
+    for (size_t i = 0; i < count; i++)
+        if (rcs[i] == -2)
+            rcs[i] = s_admit_one (self, &requests[i], &results[i]);
+    pthread_mutex_unlock (&self->mutex);
 }
 
 //  Split the record's scope list (in place) into scopes; returns the count
@@ -1425,59 +1562,23 @@ s_split (char *list, int64_t count, const char **scopes)
     return found == count ? found : -1;
 }
 
+//  Read an HMGET s t n sc reply of rid's record: 1 with keys (nkeys of
+//  them) filled when the script must run, 0 when there is nothing to do
+//  (unknown, expired, or already finished), -1 if the reply or the record
+//  is malformed (logged).
 static int
-s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t cost,
-    int release)
+s_finish_keys (gw_limiter_t *self, const redisReply *reply, int release,
+    const char *rid_hex, char keys[][KEY_MAX], size_t *nkeys)
 {
-    assert (self);
-    assert (rid);
-    char rid_hex[33];
-    gw_rid_hex (rid, rid_hex);
-    char keys[KEYS_MAX][KEY_MAX];
-    const char *scopes[GW_LIMITER_SCOPES_MAX];
-    s_windows_t windows;
-    int rc = 0;
-    pthread_mutex_lock (&self->mutex);
-    double now = s_now_us (self);
-    int64_t now_ms = (int64_t)floor (now / 1000);
-    if (!self->redis) {
-        s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
-        s_entry_t *record = s_get (self, keys[0], now_ms);
-        if (record && (record->state == 1 || (record->state == 3 && release == 0))) {
-            char *list = strdup (record->scope_list);
-            assert (list);
-            int count = s_split (list, record->scopes, scopes);
-            assert (count >= 0);  //  written by admit
-            s_windows (record->ref_ms, &windows);
-            s_keys (self->prefix, rid_hex, (size_t)count, scopes, &windows, keys);
-            rc = s_mem_settle (self, keys, rid_hex, now, record, (int64_t)tokens,
-                (int64_t)cost, release);
-            free (list);
-        }
-        pthread_mutex_unlock (&self->mutex);
-        return rc;
-    }
-    rc = -1;
-    if (!s_ready (self))
-        goto done;
-    s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
-    const char *hargv[] = {"HMGET", keys[0], "s", "t", "n", "sc"};
-    redisReply *reply = s_command (self, 6, hargv, NULL);
-    if (!reply)
-        goto done;
-    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 4) {
-        freeReplyObject (reply);
-        goto done;
-    }
+    if (reply->type != REDIS_REPLY_ARRAY || reply->elements != 4)
+        return -1;
     redisReply **f = reply->element;
     if (f[0]->type != REDIS_REPLY_STRING ||
-        !(streq (f[0]->str, "1") || (streq (f[0]->str, "3") && release == 0))) {
-        freeReplyObject (reply);  //  unknown, expired, or already finished
-        rc = 0;
-        goto done;
-    }
+        !(streq (f[0]->str, "1") || (streq (f[0]->str, "3") && release == 0)))
+        return 0;
     bool ok = f[1]->type == REDIS_REPLY_STRING && f[2]->type == REDIS_REPLY_STRING &&
         f[3]->type == REDIS_REPLY_STRING;
+    const char *scopes[GW_LIMITER_SCOPES_MAX];
     int count = -1;
     char *list = NULL;
     int64_t ref_ms = 0;
@@ -1487,21 +1588,28 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
         assert (list);
         count = s_split (list, strtoll (f[2]->str, NULL, 10), scopes);
     }
-    freeReplyObject (reply);
     if (count < 0 || ref_ms <= 0) {
         gw_error ("ratelimit: malformed reservation record %s in Redis", keys[0]);
         free (list);
-        goto done;
+        return -1;
     }
+    s_windows_t windows;
     s_windows (ref_ms, &windows);
     s_keys (self->prefix, rid_hex, (size_t)count, scopes, &windows, keys);
     free (list);
-    //  KEYS as for admit. ARGV: 1 now µs (0 = TIME), 2 rid, 3 tokens, 4 cost,
-    //  5 mode (0 settle, 1 release, 2 unlease), 6 tombstone ms.
-    size_t nkeys = 1 + (size_t)count * KEYS_PER_SCOPE;
-    const char *argv[3 + KEYS_MAX + 6];
-    size_t lens[3 + KEYS_MAX + 6];
-    char numbers[5][24];
+    *nkeys = 1 + (size_t)count * KEYS_PER_SCOPE;
+    return 1;
+}
+
+//  The settle script's arguments, from argv[2] on (s_eval fills 0 and 1).
+//  KEYS as for admit. ARGV: 1 now µs (0 = TIME), 2 rid, 3 tokens, 4 cost,
+//  5 mode (0 settle, 1 release, 2 unlease), 6 tombstone ms. numbers holds
+//  the digits argv points to. Returns argc.
+static size_t
+s_finish_args (gw_limiter_t *self, const char *rid_hex, char keys[][KEY_MAX],
+    size_t nkeys, uint64_t tokens, uint64_t cost, int release, const char **argv,
+    size_t *lens, char numbers[5][24])
+{
     snprintf (numbers[0], sizeof (numbers[0]), "%zu", nkeys);
     argv[2] = numbers[0];
     for (size_t i = 0; i < nkeys; i++)
@@ -1519,18 +1627,183 @@ s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t c
     size_t argc = 9 + nkeys;
     for (size_t i = 2; i < argc; i++)
         lens[i] = strlen (argv[i]);
+    return argc;
+}
+
+//  The settle script's answer: 0 or 1, or -1 if it is not one of those.
+static int
+s_finish_result (const redisReply *reply)
+{
+    int64_t value = -1;
+    return s_int (reply, &value) && (value == 0 || value == 1) ? (int)value : -1;
+}
+
+//  One settle, release (1) or unlease (2), the mutex held.
+static int
+s_finish_one (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t cost,
+    int release)
+{
+    char rid_hex[33];
+    gw_rid_hex (rid, rid_hex);
+    char keys[KEYS_MAX][KEY_MAX];
+    s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
+    if (!self->redis) {
+        double now = s_now_us (self);
+        int64_t now_ms = (int64_t)floor (now / 1000);
+        s_entry_t *record = s_get (self, keys[0], now_ms);
+        if (!record || !(record->state == 1 || (record->state == 3 && release == 0)))
+            return 0;
+        const char *scopes[GW_LIMITER_SCOPES_MAX];
+        s_windows_t windows;
+        char *list = strdup (record->scope_list);
+        assert (list);
+        int count = s_split (list, record->scopes, scopes);
+        assert (count >= 0);  //  written by admit
+        s_windows (record->ref_ms, &windows);
+        s_keys (self->prefix, rid_hex, (size_t)count, scopes, &windows, keys);
+        int rc = s_mem_settle (
+            self, keys, rid_hex, now, record, (int64_t)tokens, (int64_t)cost, release);
+        free (list);
+        return rc;
+    }
+    if (!s_ready (self))
+        return -1;
+    const char *hargv[] = {"HMGET", keys[0], "s", "t", "n", "sc"};
+    redisReply *reply = s_command (self, 6, hargv, NULL);
+    if (!reply)
+        return -1;
+    size_t nkeys = 0;
+    int rc = s_finish_keys (self, reply, release, rid_hex, keys, &nkeys);
+    freeReplyObject (reply);
+    if (rc <= 0)
+        return rc;
+    const char *argv[3 + KEYS_MAX + 6];
+    size_t lens[3 + KEYS_MAX + 6];
+    char numbers[5][24];
+    size_t argc = s_finish_args (
+        self, rid_hex, keys, nkeys, tokens, cost, release, argv, lens, numbers);
     reply = s_eval (self, false, (int)argc, argv, lens);
     if (!reply)
-        goto done;
-    int64_t value = -1;
-    if (s_int (reply, &value) && (value == 0 || value == 1))
-        rc = (int)value;
+        return -1;
+    rc = s_finish_result (reply);
     freeReplyObject (reply);
-done:
+    return rc;
+}
+
+//  The batch on Redis, the mutex held and the connection up: every HMGET
+//  in one round trip, then every script call due in a second one. An item
+//  whose result is not known from the batch (the connection broke, the
+//  script was not loaded) is left at -2 for s_finish_one; the scripts are
+//  idempotent per rid, so running one again is safe.
+static void
+s_finish_pipelined (
+    gw_limiter_t *self, const gw_limiter_finish_t *items, size_t count, int *results)
+{
+    char rid_hex[33];
+    char keys[KEYS_MAX][KEY_MAX];
+    const char *argv[3 + KEYS_MAX + 6];
+    size_t lens[3 + KEYS_MAX + 6];
+    char numbers[5][24];
+    bool *scripted = (bool *)calloc (count ? count : 1, sizeof (bool));
+    assert (scripted);
+    size_t i = 0;
+    for (i = 0; i < count; i++) {
+        results[i] = -2;
+        gw_rid_hex (items[i].rid, rid_hex);
+        s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
+        const char *hargv[] = {"HMGET", keys[0], "s", "t", "n", "sc"};
+        if (redisAppendCommandArgv (self->ctx, 6, hargv, NULL) != REDIS_OK)
+            goto broken;
+    }
+    for (i = 0; i < count; i++) {
+        redisReply *reply = NULL;
+        if (redisGetReply (self->ctx, (void **)&reply) != REDIS_OK || !reply)
+            goto broken;
+        gw_rid_hex (items[i].rid, rid_hex);
+        s_key (keys[0], self->prefix, "r:", rid_hex, NULL);
+        size_t nkeys = 0;
+        int rc = s_finish_keys (self, reply, items[i].mode, rid_hex, keys, &nkeys);
+        freeReplyObject (reply);
+        if (rc <= 0) {
+            results[i] = rc;
+            continue;
+        }
+        size_t argc = s_finish_args (self, rid_hex, keys, nkeys, items[i].tokens,
+            items[i].cost, items[i].mode, argv, lens, numbers);
+        argv[0] = "EVALSHA";
+        lens[0] = 7;
+        argv[1] = self->sha_settle;
+        lens[1] = 40;
+        if (redisAppendCommandArgv (self->ctx, (int)argc, argv, lens) != REDIS_OK)
+            goto broken;
+        scripted[i] = true;
+    }
+    for (i = 0; i < count; i++) {
+        if (!scripted[i])
+            continue;
+        redisReply *reply = NULL;
+        if (redisGetReply (self->ctx, (void **)&reply) != REDIS_OK || !reply)
+            goto broken;
+        //  An error (NOSCRIPT after a restart of Redis, or another) is left
+        //  to s_finish_one, which reloads the script or logs the error.
+        if (reply->type != REDIS_REPLY_ERROR)
+            results[i] = s_finish_result (reply);
+        freeReplyObject (reply);
+    }
+    free (scripted);
+    return;
+broken:
+    //  The connection's state is unknown: drop it, so that s_finish_one
+    //  connects again once (like s_command_retry) before the fail mode.
+    redisFree (self->ctx);
+    self->ctx = NULL;
+    self->retry_at = 0;
+    free (scripted);
+}
+
+static int
+s_finish (gw_limiter_t *self, const uint8_t rid[16], uint64_t tokens, uint64_t cost,
+    int release)
+{
+    assert (self);
+    assert (rid);
+    pthread_mutex_lock (&self->mutex);
+    int rc = s_finish_one (self, rid, tokens, cost, release);
     if (rc < 0)
         self->failed_calls++;
     pthread_mutex_unlock (&self->mutex);
     return rc;
+}
+
+int
+gw_limiter_finish (
+    gw_limiter_t *self, const gw_limiter_finish_t *items, size_t count, int *results)
+{
+    assert (self);
+    assert (items || count == 0);
+    assert (results || count == 0);
+    pthread_mutex_lock (&self->mutex);
+    if (self->redis && count > 1 && s_ready (self))
+        s_finish_pipelined (self, items, count, results);
+    else
+        for (size_t i = 0; i < count; i++)
+            results[i] = -2;
+    int changed = 0;
+    bool failed = false;
+    for (size_t i = 0; i < count; i++) {
+        assert (items[i].mode >= 0 && items[i].mode <= 2);
+        if (results[i] == -2)
+            results[i] = s_finish_one (
+                self, items[i].rid, items[i].tokens, items[i].cost, items[i].mode);
+        if (results[i] < 0) {
+            self->failed_calls++;
+            failed = true;
+        }
+        else
+            changed += results[i];
+    }
+    pthread_mutex_unlock (&self->mutex);
+    return failed ? -1 : changed;
 }
 
 int
@@ -1819,6 +2092,65 @@ s_semantics (gw_limiter_t *self, bool verbose)
         assert (gw_limiter_settle (self, rid3, 5, 5) == 0);
         gw_limiter_set_time (self, now);
     }
+
+    //  A batch (gw_limiter_finish) does what the single calls do, in order,
+    //  also for a rid twice in one batch and for a release then a settle of
+    //  the same rid (on Redis: read before any item's script ran).
+    gw_limits_t batch = {0};
+    batch.tokens[GW_WINDOW_HOUR] = 1000;
+    batch.budget = 10000;
+    uint8_t holds[4][16];
+    for (int i = 0; i < 4; i++)
+        assert (s_try (self, "user:batch", &batch, 100, 1000, &result, holds[i]) == 0);
+    gw_limiter_finish_t items[7];
+    memset (items, 0, sizeof (items));
+    memcpy (items[0].rid, holds[0], 16);  //  settle: 10 tokens, 100 spent
+    items[0].tokens = 10;
+    items[0].cost = 100;
+    memcpy (items[1].rid, holds[0], 16);  //  again: a no-op
+    items[1].tokens = 10;
+    items[1].cost = 100;
+    memcpy (items[2].rid, holds[1], 16);  //  release, then settle: counted once
+    items[2].mode = 1;
+    memcpy (items[3].rid, holds[1], 16);
+    items[3].tokens = 20;
+    items[3].cost = 200;
+    memcpy (items[4].rid, holds[2], 16);  //  unlease: the hold stays
+    items[4].mode = 2;
+    gw_rid_new (items[5].rid);  //  unknown
+    memcpy (items[6].rid, holds[3], 16);  //  release
+    items[6].mode = 1;
+    int results[7];
+    assert (gw_limiter_finish (self, items, 7, results) == 5);
+    int expect[7] = {1, 0, 1, 1, 1, 0, 1};
+    for (int i = 0; i < 7; i++)
+        assert (results[i] == expect[i]);
+    assert (gw_limiter_budget_settled (self, "user:batch", &settled) == 0);
+    assert (settled == 300);
+    //  Used now: 30 tokens and 300 spent, plus holds[2]'s 100 and 1000.
+    assert (s_try (self, "user:batch", &batch, 871, 0, &result, NULL) == 1);
+    assert (s_try (self, "user:batch", &batch, 0, 8701, &result, NULL) == 1);
+    assert (s_try (self, "user:batch", &batch, 870, 8700, &result, NULL) == 0);
+    assert (gw_limiter_finish (self, items, 0, results) == 0);
+
+    //  Admissions in a batch (gw_limiter_admit_many): in order, as single
+    //  calls; the same rid twice is admitted once (a duplicate).
+    gw_limits_t three = {0};
+    three.rpm = 3;
+    three.burst = 3;
+    gw_limiter_request_t many[5];
+    gw_limiter_result_t answers[5];
+    int rcs[5];
+    for (int i = 0; i < 5; i++)
+        many[i] = s_request ("key:many", &three, 0, 0);
+    memcpy (many[1].rid, many[0].rid, 16);
+    gw_limiter_admit_many (self, many, 5, answers, rcs);
+    assert (rcs[0] == 0 && rcs[1] == 0 && rcs[2] == 0 && rcs[3] == 0 && rcs[4] == 1);
+    assert (!answers[0].duplicate && answers[1].duplicate && !answers[3].duplicate);
+    assert (answers[3].remaining_requests == 0);
+    assert (answers[4].limit == GW_LIMIT_RPM && answers[4].retry_after_ms == 20000);
+    assert (gw_limiter_unlease (self, many[2].rid) == 1);
+    gw_limiter_admit_many (self, many, 0, answers, rcs);
 
     //  Idempotent admit: the same rid twice reserves once.
     gw_limits_t one = {0};
@@ -2134,6 +2466,32 @@ gw_limiter_test (bool verbose)
             ctx, "HSET {%s}:rl:r:%s s 1 t x n 99 sc y", prefix, hex);
         freeReplyObject (reply);
         assert (gw_limiter_settle (self, rid, 0, 0) == -1);
+        //  In a pipelined batch it fails alone; a script Redis lost (SCRIPT
+        //  FLUSH, as after a restart) is loaded again for the items that
+        //  need it.
+        gw_limiter_set_time (self, 0);
+        gw_limits_t limits = {0};
+        limits.budget = 1000;
+        gw_limiter_finish_t items[3];
+        memset (items, 0, sizeof (items));
+        memcpy (items[1].rid, rid, 16);
+        assert (s_try (self, "user:flush", &limits, 0, 100, &result, items[0].rid) == 0);
+        assert (s_try (self, "user:flush", &limits, 0, 100, &result, items[2].rid) == 0);
+        items[0].cost = items[2].cost = 40;
+        freeReplyObject (redisCommand (ctx, "SCRIPT FLUSH"));
+        int results[3];
+        assert (gw_limiter_finish (self, items, 3, results) == -1);
+        assert (results[0] == 1 && results[1] == -1 && results[2] == 1);
+        uint64_t settled = 0;
+        assert (gw_limiter_budget_settled (self, "user:flush", &settled) == 0);
+        assert (settled == 80);
+        gw_limiter_request_t many[2] = {s_request ("user:flush", &limits, 0, 100),
+            s_request ("user:flush", &limits, 0, 2000)};
+        gw_limiter_result_t answers[2];
+        freeReplyObject (redisCommand (ctx, "SCRIPT FLUSH"));
+        gw_limiter_admit_many (self, many, 2, answers, results);
+        assert (results[0] == 0 && results[1] == 1);
+        assert (answers[1].limit == GW_LIMIT_BUDGET);
         gw_limiter_destroy (&limiters[1]);
         gw_limiter_destroy (&self);
         s_outage_test (url, prefix, verbose);

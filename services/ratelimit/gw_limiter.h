@@ -142,6 +142,12 @@ void gw_limiter_set_time (gw_limiter_t *self, int64_t now_us);
 int gw_limiter_admit (
     gw_limiter_t *self, const gw_limiter_request_t *request, gw_limiter_result_t *result);
 
+//  Admit count requests, in order, each exactly as gw_limiter_admit would
+//  (rcs[i] its return, results[i] its result). On Redis the whole batch
+//  takes one round trip, not one per request.
+void gw_limiter_admit_many (gw_limiter_t *self, const gw_limiter_request_t *requests,
+    size_t count, gw_limiter_result_t *results, int *rcs);
+
 //  Settle rid with its actual usage: release its lease and correct its token
 //  and cost counters by (actual - estimate); if rid was released, add the
 //  actual usage (the estimate was given back already). Returns 1 settled, 0
@@ -160,6 +166,22 @@ int gw_limiter_release (gw_limiter_t *self, const uint8_t rid[16]);
 //  hold stays until settle or release. Idempotent; returns 1 if rid is
 //  held, 0 if unknown or finished, -1 if the store is unavailable.
 int gw_limiter_unlease (gw_limiter_t *self, const uint8_t rid[16]);
+
+//  One item of gw_limiter_finish.
+typedef struct {
+    uint8_t rid[16];
+    uint64_t tokens;  //  settle: the actual usage
+    uint64_t cost;
+    int mode;  //  0 settle, 1 release, 2 unlease
+} gw_limiter_finish_t;
+
+//  Settle, release or unlease count items, in order, each exactly as the
+//  single calls above would; results[i] gets the item's return (1, 0 or
+//  -1). On Redis the whole batch takes two round trips (every record read,
+//  then every script call), not two per item. Returns the number of items
+//  that changed something, or -1 if any item's back end was unavailable.
+int gw_limiter_finish (
+    gw_limiter_t *self, const gw_limiter_finish_t *items, size_t count, int *results);
 
 //  The actual cost settled so far against scope's budget counter (the sum
 //  of the costs given to settle for requests that held on a budget of
