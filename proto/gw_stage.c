@@ -299,6 +299,9 @@ gw_stage_actor (zsock_t *pipe, void *args)
             }
             gw_worker_tick (hosted->worker);
         }
+        for (size_t i = 0; i < host->count; i++)
+            if (host->stages[i].cls->flush)
+                host->stages[i].cls->flush (host->stages[i].state);
     }
     gw_stage_host_destroy (&host);
 }
@@ -318,6 +321,11 @@ typedef struct {
     int requests;  //  requests this stage handled
     int reloads;
     bool verbose;
+    //  "s5" defers every request to its flush
+    gw_msg_t *deferred[8];
+    gw_stage_t *contexts[8];
+    size_t count;
+    int flushes;  //  flushes that answered something
 } s_test_state_t;
 
 static void
@@ -351,10 +359,46 @@ s_test_command (void *state, const char *command, const char *key, const char *v
     return -1;
 }
 
+//  "s5": keeps each request (the test sends at most 8 at once) and
+//  answers all of them in its flush, with the number deferred together.
+static void
+s_test_defer (void *state, gw_stage_t *stage, gw_msg_t *request)
+{
+    s_test_state_t *self = (s_test_state_t *)state;
+    assert (self->count < 8);
+    self->requests++;
+    self->deferred[self->count] = gw_msg_dup (request);
+    self->contexts[self->count++] = gw_stage_dup (stage);
+}
+
+static void
+s_test_flush (void *state)
+{
+    s_test_state_t *self = (s_test_state_t *)state;
+    if (self->count)
+        self->flushes++;
+    for (size_t i = 0; i < self->count; i++) {
+        zframe_t *frame = gw_msg_envelope (self->deferred[i]);
+        assert (gw_envelope_decode (
+                    self->envelope, zframe_data (frame), zframe_size (frame)) == 0);
+        gw_envelope_set_ann_int (self->envelope, "together", (int64_t)self->count);
+        zframe_t *echo = gw_envelope_encode (self->envelope);
+        gw_worker_final (gw_stage_session (self->contexts[i]),
+            gw_msg_rid (self->deferred[i]), 200, NULL, &echo);
+        gw_msg_destroy (&self->deferred[i]);
+        gw_stage_destroy (&self->contexts[i]);
+    }
+    self->count = 0;
+}
+
 static void
 s_test_destroy (void **state_p)
 {
     s_test_state_t *self = (s_test_state_t *)*state_p;
+    for (size_t i = 0; i < self->count; i++) {
+        gw_msg_destroy (&self->deferred[i]);
+        gw_stage_destroy (&self->contexts[i]);
+    }
     gw_envelope_destroy (&self->envelope);
     free (self);
     *state_p = NULL;
@@ -553,8 +597,13 @@ gw_stage_test (bool verbose)
         .sockets = s_test_feed_sockets,
         .input = s_test_feed_input,
         .timeout = s_test_feed_timeout};
+    static const gw_stage_class_t s5_class = {.service = "s5",
+        .request = s_test_defer,
+        .destroy = s_test_destroy,
+        .flush = s_test_flush};
     s_test_state_t *s1 = s_test_state ("s1");
     s_test_state_t *s2 = s_test_state ("s2");
+    s_test_state_t *s5 = s_test_state ("s5");
     s_test_feed_t *s4 = (s_test_feed_t *)zmalloc (sizeof (s_test_feed_t));
     assert (s4);
     s4->envelope = gw_envelope_new ();
@@ -562,6 +611,7 @@ gw_stage_test (bool verbose)
     gw_stage_host_add (host, &s1_class, s1);
     gw_stage_host_add (host, &s2_class, s2);
     gw_stage_host_add (host, &s4_class, s4);
+    gw_stage_host_add (host, &s5_class, s5);
     zactor_t *actor = zactor_new (gw_stage_actor, host);
     assert (actor);
     assert (gw_actor_configure (actor, "capacity", "0") == -1);
@@ -594,6 +644,26 @@ gw_stage_test (bool verbose)
     assert (s_test_call (client, "s2", env) == 200);
     assert (s2->requests == 2 && gw_envelope_timings (env) == 0);
 
+    //  s1 -> s5: s5 defers to its flush, which answers after the turn's
+    //  input is read, on s1's session; requests that arrive together are
+    //  answered together.
+    assert (s_test_call (client, "s1,s5", env) == 200);
+    assert (s5->requests == 1 && s5->flushes == 1);
+    assert (gw_envelope_ann_int (env, "together", 0) == 1);
+    for (int i = 0; i < 3; i++)
+        s_test_send (client, "s5");
+    int answered = 0;
+    for (int64_t end = gw_mono_ms () + 5000; answered < 3 && gw_mono_ms () < end;) {
+        gw_msg_t *reply = gw_client_wait (client, 100);
+        if (reply && gw_msg_id (reply) == GW_MSG_FINAL) {
+            assert (gw_msg_status (reply) == 200);
+            answered++;
+        }
+        gw_msg_destroy (&reply);
+    }
+    assert (answered == 3 && s5->requests == 4 && s5->count == 0);
+    assert (s5->flushes >= 2 && s5->flushes <= 4);
+
     //  s1 -> s3: not hosted, so FORWARDed through the broker.
     int64_t until = gw_mono_ms () + 5000;
     s_test_send (client, "s1,s3");
@@ -614,7 +684,7 @@ gw_stage_test (bool verbose)
             status = gw_msg_status (reply);
         gw_msg_destroy (&reply);
     }
-    assert (status == 204 && s1->requests == 2);
+    assert (status == 204 && s1->requests == 3);
 
     //  A stage's own socket: s1 hands the request to s4, which parks it
     //  (no answer yet) and answers it when its socket says so, on s1's
@@ -638,7 +708,7 @@ gw_stage_test (bool verbose)
         }
         gw_msg_destroy (&reply);
     }
-    assert (status == 200 && s1->requests == 3 && s4->inputs >= 1);
+    assert (status == 200 && s1->requests == 4 && s4->inputs >= 1);
     assert (streq (gw_envelope_ann_str (env, "s1"), "passed"));
     assert (gw_envelope_cursor (env) == 1);
 

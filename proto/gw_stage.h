@@ -80,6 +80,11 @@ typedef struct {
     //  it has no timer; the actor sleeps at most 500 ms regardless. May be
     //  NULL.
     long (*timeout) (void *state);
+    //  After every turn of the loop, once the input of every stage of the
+    //  actor is read: finish what request callbacks of this turn deferred
+    //  (e.g. one round trip to a store for all of them), answering or
+    //  forwarding on contexts kept with gw_stage_dup. May be NULL.
+    void (*flush) (void *state);
 } gw_stage_class_t;
 
 //  Most sockets one stage may list (sockets callback).

@@ -1249,15 +1249,29 @@ s_cost_limited (const gw_limiter_request_t *request)
     return false;
 }
 
-int
-gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *body,
-    size_t size, gw_ratelimit_refusal_t *refusal)
+//  An admission between its two halves: the limiter's request (its scope
+//  names point into names) and what the answer needs.
+typedef struct {
+    gw_limiter_request_t request;
+    char names[KINDS][GW_LIMITER_SCOPE_MAX + 1];
+    bool lease;
+    int balance_at;  //  index of the scope whose budget is the balance
+    int64_t balance;
+} s_admission_t;
+
+//  The first half of gw_ratelimit_admit, up to the limiter: GW_OK with
+//  *limited false when the operation has no limits, GW_OK with *limited
+//  true and admission ready for the limiter, or a refusal (filled).
+static int
+s_admit_prepare (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *body,
+    size_t size, gw_ratelimit_refusal_t *refusal, s_admission_t *admission, bool *limited)
 {
     assert (self);
     assert (envelope);
     assert (refusal);
     memset (refusal, 0, sizeof (*refusal));
     refusal->retry_after = -1;
+    *limited = false;
     const char *op = gw_envelope_ann_str (envelope, "op");
     if (!op ||
         !(streq (op, "chat") || streq (op, "completions") || streq (op, "embeddings") ||
@@ -1270,16 +1284,14 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
         return s_refuse (refusal, 400, "invalid_request_error", "invalid_body", -1,
             "The request body could not be read.");
 
-    gw_limiter_request_t request;
-    memset (&request, 0, sizeof (request));
-    memcpy (request.rid, gw_envelope_rid (envelope), 16);
-    char names[KINDS][GW_LIMITER_SCOPE_MAX + 1];
+    memset (admission, 0, sizeof (*admission));
+    gw_limiter_request_t *request = &admission->request;
+    memcpy (request->rid, gw_envelope_rid (envelope), 16);
+    char (*names)[GW_LIMITER_SCOPE_MAX + 1] = admission->names;
     const char *ids[KINDS] = {gw_envelope_tenant_str (envelope, "key"),
         gw_envelope_tenant_str (envelope, "user"), group, model,
         gw_envelope_ann_str (envelope, "ip")};
-    bool lease = false;
-    int balance_at = -1;  //  index of the scope whose budget is the balance
-    int64_t balance = 0;
+    admission->balance_at = -1;
     for (int k = 0; k < KINDS; k++) {
         if (!ids[k] || !*ids[k])
             continue;
@@ -1291,7 +1303,7 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
         if (gw_limits_empty (limits) && !by_balance)
             continue;
         s_scope_name (s_kinds[k], ids[k], names[k], sizeof (names[k]));
-        request.limits[request.scopes] = *limits;
+        request->limits[request->scopes] = *limits;
         if (by_balance) {
             s_balance_t *entry = s_balance (self, ids[k], names[k]);
             if (!entry && !gw_limiter_fail_open (self->limiter)) {
@@ -1309,23 +1321,23 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
                     " micro-units. Add credit to continue.",
                     names[k], entry->balance);
             if (entry) {
-                gw_limits_t *mine = &request.limits[request.scopes];
+                gw_limits_t *mine = &request->limits[request->scopes];
                 if (!mine->budget || mine->budget > entry->limit)
                     mine->budget = entry->limit;
-                balance_at = (int)request.scopes;
-                balance = entry->balance;
+                admission->balance_at = (int)request->scopes;
+                admission->balance = entry->balance;
             }
-            if (gw_limits_empty (&request.limits[request.scopes]))
+            if (gw_limits_empty (&request->limits[request->scopes]))
                 continue;  //  failing open for this user, no other limit
         }
-        request.scope[request.scopes] = names[k];
-        request.scopes++;
-        lease = lease || limits->concurrency > 0;
+        request->scope[request->scopes] = names[k];
+        request->scopes++;
+        admission->lease = admission->lease || limits->concurrency > 0;
     }
     //  A hold priced without its group's multiplier (the store was never
     //  readable) could let a budget be overshot: fail mode, if money counts.
     if (estimate.group_unknown && !gw_limiter_fail_open (self->limiter) &&
-        s_cost_limited (&request)) {
+        s_cost_limited (request)) {
         gw_envelope_set_ann_int (envelope, "retry_after", 1);
         return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", 1,
             "The prices and the multiplier of group %s cannot be read right now (the "
@@ -1333,70 +1345,98 @@ gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *b
             "shortly.",
             group && *group ? group : "default");
     }
-    request.tokens = estimate.prompt_tokens + estimate.max_tokens;
-    request.cost = estimate.cost;
+    request->tokens = estimate.prompt_tokens + estimate.max_tokens;
+    request->cost = estimate.cost;
     int64_t now = gw_time_ms ();
     int64_t deadline = (int64_t)gw_envelope_deadline (envelope);
-    request.lease_ms = deadline > now ? deadline - now + 60000 : LEASE_DEFAULT_MS;
-    if (request.lease_ms > LEASE_MAX_MS)
-        request.lease_ms = LEASE_MAX_MS;
+    request->lease_ms = deadline > now ? deadline - now + 60000 : LEASE_DEFAULT_MS;
+    if (request->lease_ms > LEASE_MAX_MS)
+        request->lease_ms = LEASE_MAX_MS;
 
-    gw_limiter_result_t result;
-    int rc = gw_limiter_admit (self->limiter, &request, &result);
-    s_headers (envelope, &result);
+    *limited = true;
+    return GW_OK;
+}
+
+//  The second half: the limiter's answer (rc, result) as headers and
+//  annotations on envelope, and GW_OK or a refusal (filled).
+static int
+s_admit_conclude (gw_ratelimit_t *self, gw_envelope_t *envelope,
+    const s_admission_t *admission, int rc, const gw_limiter_result_t *result,
+    gw_ratelimit_refusal_t *refusal)
+{
+    const gw_limiter_request_t *request = &admission->request;
+    bool lease = admission->lease;
+    int balance_at = admission->balance_at;
+    int64_t balance = admission->balance;
+    s_headers (envelope, result);
     if (rc == 0) {
-        if (result.unavailable)  //  failing open: nothing reserved
+        if (result->unavailable)  //  failing open: nothing reserved
             s_annotate (envelope, 0, 0, false, NULL);
         else
-            s_annotate (envelope, request.cost, request.tokens, lease, &request);
+            s_annotate (envelope, request->cost, request->tokens, lease, request);
         if (self->verbose)
             gw_debug ("ratelimit: admitted tokens=%" PRIu64 " hold=%" PRIu64 "%s",
-                request.tokens, request.cost,
-                result.unavailable ? " (failing open)" : "");
+                request->tokens, request->cost,
+                result->unavailable ? " (failing open)" : "");
         return GW_OK;
     }
-    int64_t retry = result.retry_after_ms < 0 ? -1 : (result.retry_after_ms + 999) / 1000;
+    int64_t retry =
+        result->retry_after_ms < 0 ? -1 : (result->retry_after_ms + 999) / 1000;
     if (retry == 0)
         retry = 1;
     if (retry >= 0)
         gw_envelope_set_ann_int (envelope, "retry_after", retry);
     if (self->verbose)
-        gw_debug ("ratelimit: refused by %s", gw_limiter_limit_name (result.limit));
-    if (result.limit == GW_LIMIT_UNAVAILABLE)
+        gw_debug ("ratelimit: refused by %s", gw_limiter_limit_name (result->limit));
+    if (result->limit == GW_LIMIT_UNAVAILABLE)
         return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", retry,
             "Rate limits cannot be checked right now (the limit store is unavailable), "
             "so the request was refused. Please try again shortly.");
-    const char *scope = result.scope >= 0 && (size_t)result.scope < request.scopes
-        ? request.scope[result.scope]
+    const char *scope = result->scope >= 0 && (size_t)result->scope < request->scopes
+        ? request->scope[result->scope]
         : "?";
-    uint64_t value = result.scope >= 0 && (size_t)result.scope < request.scopes
-        ? s_limit_value (&request.limits[result.scope], result.limit)
+    uint64_t value = result->scope >= 0 && (size_t)result->scope < request->scopes
+        ? s_limit_value (&request->limits[result->scope], result->limit)
         : 0;
-    const char *name = gw_limiter_limit_name (result.limit);
+    const char *name = gw_limiter_limit_name (result->limit);
     char wait[32] = "";
     if (retry >= 0)
-        s_duration (result.retry_after_ms, wait, sizeof (wait));
-    if (result.limit == GW_LIMIT_BUDGET && result.scope == balance_at)
+        s_duration (result->retry_after_ms, wait, sizeof (wait));
+    if (result->limit == GW_LIMIT_BUDGET && result->scope == balance_at)
         return s_refuse (refusal, 429, "insufficient_quota", "insufficient_quota", -1,
             "You exceeded your current quota: the balance of %s (%" PRId64
             " micro-units, less requests in flight) cannot cover this request's hold "
             "of %" PRIu64 " micro-units. Add credit or lower max_tokens.",
-            scope, balance, request.cost);
-    if (result.limit == GW_LIMIT_BUDGET ||
-        (result.limit >= GW_LIMIT_COST && result.limit < GW_LIMIT_BUDGET))
+            scope, balance, request->cost);
+    if (result->limit == GW_LIMIT_BUDGET ||
+        (result->limit >= GW_LIMIT_COST && result->limit < GW_LIMIT_BUDGET))
         return s_refuse (refusal, 429, "insufficient_quota", "insufficient_quota", retry,
             "You exceeded your current quota (%s of %" PRIu64
             " micro-units on %s); this request would hold %" PRIu64 " more.%s%s",
-            name, value, scope, request.cost, retry >= 0 ? " Please try again in " : "",
+            name, value, scope, request->cost, retry >= 0 ? " Please try again in " : "",
             retry >= 0 ? wait : "");
     if (retry < 0)
         return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", -1,
             "Request too large for %s on %s: limit %" PRIu64 " %s, requested %" PRIu64
             ". Lower max_tokens or the prompt size.",
-            name, scope, value, s_unit (result.limit), request.tokens);
+            name, scope, value, s_unit (result->limit), request->tokens);
     return s_refuse (refusal, 429, "rate_limit_error", "rate_limit_exceeded", retry,
         "Rate limit reached for %s on %s: limit %" PRIu64 " %s. Please try again in %s.",
-        name, scope, value, s_unit (result.limit), wait);
+        name, scope, value, s_unit (result->limit), wait);
+}
+
+int
+gw_ratelimit_admit (gw_ratelimit_t *self, gw_envelope_t *envelope, const void *body,
+    size_t size, gw_ratelimit_refusal_t *refusal)
+{
+    s_admission_t admission;
+    bool limited;
+    int rc = s_admit_prepare (self, envelope, body, size, refusal, &admission, &limited);
+    if (rc != GW_OK || !limited)
+        return rc;
+    gw_limiter_result_t result;
+    rc = gw_limiter_admit (self->limiter, &admission.request, &result);
+    return s_admit_conclude (self, envelope, &admission, rc, &result, refusal);
 }
 
 //  --------------------------------------------------------------------------
@@ -1408,7 +1448,30 @@ typedef struct {
     gw_envelope_t *envelope;  //  reused for every request
     gw_stage_t *current;  //  the request being handled: its context
     gw_worker_t *worker;  //  and the session holding it (gw_stage_session)
+    struct _s_pending_t **pending;  //  admissions waiting for the turn's flush
+    size_t pending_count;
+    size_t pending_max;
 } s_actor_t;
+
+//  An admission deferred to the flush (the limiter is on Redis: the
+//  admissions of one loop turn go in one round trip).
+typedef struct _s_pending_t {
+    gw_msg_t *request;  //  a copy
+    gw_stage_t *stage;  //  its context (gw_stage_dup)
+    s_admission_t admission;
+} s_pending_t;
+
+static void
+s_pending_destroy (s_pending_t **self_p)
+{
+    s_pending_t *self = *self_p;
+    if (self) {
+        gw_msg_destroy (&self->request);
+        gw_stage_destroy (&self->stage);
+        free (self);
+        *self_p = NULL;
+    }
+}
 
 //  FINAL with the envelope (ann.retry_after, ann.headers) and an OpenAI error.
 static void
@@ -1572,6 +1635,17 @@ s_settle (s_actor_t *self, gw_msg_t *request, bool release)
     gw_worker_final (self->worker, rid, 200, NULL, &body);
 }
 
+//  Hand an admitted request on along its slip.
+static void
+s_forward (s_actor_t *self, gw_msg_t *request)
+{
+    const uint8_t *rid = gw_msg_rid (request);
+    if (gw_stage_forward (self->current, request, self->envelope) &&
+        !gw_worker_cancelled (self->worker, rid))
+        gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
+            "The gateway could not forward this request.");
+}
+
 static void
 s_handle (s_actor_t *self, gw_msg_t *request)
 {
@@ -1590,15 +1664,88 @@ s_handle (s_actor_t *self, gw_msg_t *request)
     }
     zframe_t *body = gw_msg_body (request);
     gw_ratelimit_refusal_t refusal;
-    if (gw_ratelimit_admit (self->stage, self->envelope, body ? zframe_data (body) : NULL,
-            body ? zframe_size (body) : 0, &refusal) != GW_OK) {
-        s_final_error (self, rid, &refusal);
+    s_pending_t *pending = (s_pending_t *)malloc (sizeof (s_pending_t));
+    assert (pending);
+    bool limited;
+    int rc =
+        s_admit_prepare (self->stage, self->envelope, body ? zframe_data (body) : NULL,
+            body ? zframe_size (body) : 0, &refusal, &pending->admission, &limited);
+    if (rc == GW_OK && limited &&
+        streq (gw_limiter_backend (self->stage->limiter), "redis")) {
+        //  To the flush, with this turn's other admissions.
+        if (self->pending_count == self->pending_max) {
+            self->pending_max = self->pending_max ? self->pending_max * 2 : 16;
+            self->pending = (s_pending_t **)realloc (
+                self->pending, self->pending_max * sizeof (s_pending_t *));
+            assert (self->pending);
+        }
+        pending->request = gw_msg_dup (request);
+        pending->stage = gw_stage_dup (self->current);
+        self->pending[self->pending_count++] = pending;
         return;
     }
-    if (gw_stage_forward (self->current, request, self->envelope) &&
-        !gw_worker_cancelled (self->worker, rid))
-        gw_worker_error (self->worker, rid, 500, "server_error", "routing_failed",
-            "The gateway could not forward this request.");
+    if (rc == GW_OK && limited) {
+        gw_limiter_result_t result;
+        rc =
+            gw_limiter_admit (self->stage->limiter, &pending->admission.request, &result);
+        rc = s_admit_conclude (
+            self->stage, self->envelope, &pending->admission, rc, &result, &refusal);
+    }
+    free (pending);
+    if (rc != GW_OK)
+        s_final_error (self, rid, &refusal);
+    else
+        s_forward (self, request);
+}
+
+//  After the turn: the deferred admissions in one call to the limiter (one
+//  Redis round trip), then each answered or forwarded on its own context.
+//  A request cancelled meanwhile is dropped; the edge releases what it
+//  held.
+static void
+s_flush (void *state)
+{
+    s_actor_t *self = (s_actor_t *)state;
+    size_t count = self->pending_count;
+    if (!count)
+        return;
+    gw_limiter_request_t *requests =
+        (gw_limiter_request_t *)malloc (count * sizeof (gw_limiter_request_t));
+    gw_limiter_result_t *results =
+        (gw_limiter_result_t *)malloc (count * sizeof (gw_limiter_result_t));
+    int *rcs = (int *)malloc (count * sizeof (int));
+    assert (requests && results && rcs);
+    for (size_t i = 0; i < count; i++)
+        requests[i] = self->pending[i]->admission.request;
+    gw_limiter_admit_many (self->stage->limiter, requests, count, results, rcs);
+    gw_stage_t *outer = self->current;
+    gw_worker_t *outer_worker = self->worker;
+    for (size_t i = 0; i < count; i++) {
+        s_pending_t *pending = self->pending[i];
+        self->current = pending->stage;
+        self->worker = gw_stage_session (pending->stage);
+        const uint8_t *rid = gw_msg_rid (pending->request);
+        zframe_t *frame = gw_msg_envelope (pending->request);
+        gw_ratelimit_refusal_t refusal;
+        if (!gw_worker_cancelled (self->worker, rid)) {
+            if (gw_envelope_decode (
+                    self->envelope, zframe_data (frame), zframe_size (frame)))
+                gw_worker_error (self->worker, rid, 400, "invalid_request_error",
+                    "invalid_envelope", "The request envelope could not be decoded.");
+            else if (s_admit_conclude (self->stage, self->envelope, &pending->admission,
+                         rcs[i], &results[i], &refusal) != GW_OK)
+                s_final_error (self, rid, &refusal);
+            else
+                s_forward (self, pending->request);
+        }
+        s_pending_destroy (&self->pending[i]);
+    }
+    self->pending_count = 0;
+    self->current = outer;
+    self->worker = outer_worker;
+    free (requests);
+    free (results);
+    free (rcs);
 }
 
 static void
@@ -1636,6 +1783,9 @@ s_stage_destroy (void **state_p)
 {
     s_actor_t *self = (s_actor_t *)*state_p;
     if (self) {
+        for (size_t i = 0; i < self->pending_count; i++)
+            s_pending_destroy (&self->pending[i]);
+        free (self->pending);
         gw_envelope_destroy (&self->envelope);
         gw_ratelimit_destroy (&self->stage);
         free (self);
@@ -1648,7 +1798,8 @@ static const gw_stage_class_t s_class = {.service = "ratelimit",
     .request = s_request,
     .command = s_command,
     .tick = s_tick,
-    .destroy = s_stage_destroy};
+    .destroy = s_stage_destroy,
+    .flush = s_flush};
 
 void
 gw_ratelimit_stage (gw_ratelimit_t *stage, gw_stage_host_t *host)

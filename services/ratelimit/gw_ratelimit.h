@@ -10,7 +10,10 @@
 //  ip), and admits it in ONE limiter call. Admitted: writes ann.rl and the
 //  x-ratelimit-* entries of ann.headers and FORWARDs. Refused: FINAL 429 in
 //  the OpenAI error shape with ann.retry_after (s) and ann.headers. Other
-//  operations (models) pass without limits.
+//  operations (models) pass without limits. With the limiter on Redis the
+//  admissions that arrive in one turn of the actor's loop are made
+//  together, after the turn (gw_stage's flush), in one round trip
+//  (gw_limiter_admit_many); the memory back end admits each at once.
 //
 //  ann.op settle / release (from billing / the edge): body {rid, tokens,
 //  cost} → limiter settle / release → FINAL 200 {"settled": bool}; 503 if
