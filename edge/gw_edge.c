@@ -1237,7 +1237,9 @@ s_dispatch (s_req_t *req, const char *op, const char *model, bool stream,
     char trace[33];
     s_trace_id (mg_get_header (req->conn, "traceparent"), trace);
 
-    gw_envelope_t *env = gw_envelope_new ();
+    //  Built in the thread's envelope, which then waits for the FINAL's.
+    gw_envelope_t *env = req->thread->env;
+    gw_envelope_clear (env);
     gw_envelope_set_rid (env, req->rid);
     for (size_t i = 0; i < edge->slip_size; i++)
         gw_envelope_slip_append (env, edge->slip[i]);
@@ -1268,7 +1270,7 @@ s_dispatch (s_req_t *req, const char *op, const char *model, bool stream,
     if (include_usage)
         gw_envelope_set_ann_raw (env, "include_usage", "\xc3", 1);
     zframe_t *envelope = gw_envelope_encode (env);
-    gw_envelope_destroy (&env);
+    gw_envelope_clear (env);
 
     gw_msg_t *request = gw_msg_new (GW_MSG_REQUEST);
     gw_msg_set_rid (request, req->rid);

@@ -323,6 +323,13 @@ s_decode (gw_envelope_t *self, gw_mreader_t *reader)
     return 0;
 }
 
+void
+gw_envelope_clear (gw_envelope_t *self)
+{
+    assert (self);
+    s_clear (self);
+}
+
 int
 gw_envelope_decode (gw_envelope_t *self, const void *data, size_t size)
 {
@@ -340,70 +347,120 @@ gw_envelope_decode (gw_envelope_t *self, const void *data, size_t size)
     return 0;
 }
 
+//  Append a literal (a key with its msgpack header, written out) in one
+//  write.
+#define S_RAW(pk, literal)                                                               \
+    msgpack_sbuffer_write ((pk)->data, literal, sizeof (literal) - 1)
+
+//  Append a str of size bytes.
 static void
-s_pack_attrs (msgpack_packer *pk, const char *name, const s_attrs_t *attrs)
+s_pack_text (msgpack_packer *pk, const char *text, size_t size)
 {
-    gw_mpack_str (pk, name);
+    msgpack_pack_str (pk, size);
+    msgpack_pack_str_body (pk, text, size);
+}
+
+static void
+s_pack_attrs (msgpack_packer *pk, const s_attrs_t *attrs)
+{
     msgpack_pack_map (pk, attrs->count);
     for (size_t i = 0; i < attrs->count; i++) {
-        gw_mpack_str (pk, attrs->items[i].key);
+        s_pack_text (pk, attrs->items[i].key, attrs->items[i].key_size);
         //  Raw msgpack bytes go straight into the buffer.
         msgpack_sbuffer_write (
             pk->data, (const char *)attrs->items[i].value, attrs->items[i].size);
     }
 }
 
+//  Every thread encodes into a buffer of its own, kept for its next encode
+//  (an envelope is encoded at each hand-off: no allocation of a fresh
+//  buffer each time); freed when the thread ends.
+static pthread_key_t s_scratch_key;
+static pthread_once_t s_scratch_once = PTHREAD_ONCE_INIT;
+
+static void
+s_scratch_free (void *buffer)
+{
+    msgpack_sbuffer_free ((msgpack_sbuffer *)buffer);
+}
+
+static void
+s_scratch_init (void)
+{
+    int rc = pthread_key_create (&s_scratch_key, s_scratch_free);
+    assert (rc == 0);
+}
+
+static msgpack_sbuffer *
+s_scratch (void)
+{
+    pthread_once (&s_scratch_once, s_scratch_init);
+    msgpack_sbuffer *buffer = (msgpack_sbuffer *)pthread_getspecific (s_scratch_key);
+    if (!buffer) {
+        buffer = msgpack_sbuffer_new ();
+        assert (buffer);
+        pthread_setspecific (s_scratch_key, buffer);
+    }
+    buffer->size = 0;
+    return buffer;
+}
+
 zframe_t *
 gw_envelope_encode (gw_envelope_t *self)
 {
     assert (self);
-    msgpack_sbuffer buffer;
-    msgpack_sbuffer_init (&buffer);
+    msgpack_sbuffer *buffer = s_scratch ();
     msgpack_packer pk;
-    msgpack_packer_init (&pk, &buffer, msgpack_sbuffer_write);
+    msgpack_packer_init (&pk, buffer, msgpack_sbuffer_write);
     static const uint8_t zero[16];
     bool has_rid = memcmp (self->rid, zero, 16) != 0;
     size_t keys = 1 + has_rid + (self->slip_size > 0) * 2 + (self->deadline > 0) +
         self->stream + (self->model != NULL) + (self->trace != NULL) +
         (self->tenant.count > 0) + (self->ann.count > 0) + (self->timing_count > 0);
     msgpack_pack_map (&pk, keys);
-    gw_mpack_str (&pk, "v");
-    msgpack_pack_uint8 (&pk, 1);
+    S_RAW (&pk, "\xa1v\x01");
     if (has_rid) {
-        gw_mpack_str (&pk, "id");
-        msgpack_pack_bin (&pk, 16);
-        msgpack_pack_bin_body (&pk, self->rid, 16);
+        S_RAW (&pk, "\xa2id\xc4\x10");
+        msgpack_sbuffer_write (buffer, (const char *)self->rid, 16);
     }
     if (self->slip_size > 0) {
-        gw_mpack_str (&pk, "slip");
+        S_RAW (&pk, "\xa4slip");
         msgpack_pack_array (&pk, self->slip_size);
         for (size_t i = 0; i < self->slip_size; i++)
             gw_mpack_str (&pk, self->slip[i]);
-        gw_mpack_str (&pk, "cur");
+        S_RAW (&pk,
+            "\xa3"
+            "cur");
         msgpack_pack_uint64 (&pk, self->cursor);
     }
     if (self->deadline > 0) {
-        gw_mpack_str (&pk, "dl");
+        S_RAW (&pk,
+            "\xa2"
+            "dl");
         msgpack_pack_uint64 (&pk, self->deadline);
     }
-    if (self->stream) {
-        gw_mpack_str (&pk, "stream");
-        msgpack_pack_true (&pk);
-    }
+    if (self->stream)
+        S_RAW (&pk, "\xa6stream\xc3");
     if (self->model) {
-        gw_mpack_str (&pk, "model");
+        S_RAW (&pk, "\xa5model");
         gw_mpack_str (&pk, self->model);
     }
     if (self->trace) {
-        gw_mpack_str (&pk, "trace");
+        S_RAW (&pk, "\xa5trace");
         gw_mpack_str (&pk, self->trace);
     }
-    if (self->tenant.count > 0)
-        s_pack_attrs (&pk, "tenant", &self->tenant);
-    if (self->ann.count > 0)
-        s_pack_attrs (&pk, "ann", &self->ann);
+    if (self->tenant.count > 0) {
+        S_RAW (&pk, "\xa6tenant");
+        s_pack_attrs (&pk, &self->tenant);
+    }
+    if (self->ann.count > 0) {
+        S_RAW (&pk,
+            "\xa3"
+            "ann");
+        s_pack_attrs (&pk, &self->ann);
+    }
     if (self->timing_count > 0) {
-        gw_mpack_str (&pk, "t");
+        S_RAW (&pk, "\xa1t");
         msgpack_pack_array (&pk, self->timing_count);
         for (size_t i = 0; i < self->timing_count; i++) {
             msgpack_pack_array (&pk, 3);
@@ -412,8 +469,11 @@ gw_envelope_encode (gw_envelope_t *self)
             msgpack_pack_uint64 (&pk, self->timings[i].t_out);
         }
     }
-    zframe_t *frame = zframe_new (buffer.data, buffer.size);
-    msgpack_sbuffer_destroy (&buffer);
+    zframe_t *frame = zframe_new (buffer->data, buffer->size);
+    if (buffer->alloc > GW_ENVELOPE_MAX) {  //  an outsized one: do not keep it
+        free (buffer->data);
+        msgpack_sbuffer_init (buffer);
+    }
     return frame;
 }
 

@@ -27,6 +27,10 @@ gw_envelope_t *gw_envelope_new (void);
 //  Destroy; nulls the caller's reference.
 void gw_envelope_destroy (gw_envelope_t **self_p);
 
+//  Empty it (as new), keeping its buffers for the next use: building an
+//  envelope per request in a reused one allocates nothing.
+void gw_envelope_clear (gw_envelope_t *self);
+
 //  Replace the contents with the decoded bytes. Returns 0, or -1 if the bytes
 //  are not a valid version 1 envelope (malformed msgpack, wrong types, limits
 //  exceeded); the envelope is then empty. Unknown keys are ignored.

@@ -240,6 +240,8 @@ struct _s_bridge_t {
     gw_breaker_t *breakers;  //  per-channel breakers
     CURL *pool[POOL_MAX];  //  idle easy handles
     size_t pool_size;  //  entries used in pool
+    gw_envelope_t *envelopes[POOL_MAX];  //  idle request envelopes (buffers kept)
+    size_t envelope_count;  //  entries used in envelopes
     s_sock_t **socks;  //  sockets curl asked us to watch
     size_t sock_count;  //  entries used
     size_t sock_cap;  //  entries allocated
@@ -738,6 +740,25 @@ s_plan_parse (s_request_t *req, const void *data, size_t size)
 
 static void s_execute (s_request_t *req, s_event_t event);
 
+//  A request's envelope comes from the bridge's idle ones when there are
+//  any (a decode into one reuses its buffers) and goes back there.
+static gw_envelope_t *
+s_envelope_get (s_bridge_t *self)
+{
+    return self->envelope_count ? self->envelopes[--self->envelope_count]
+                                : gw_envelope_new ();
+}
+
+static void
+s_envelope_put (s_bridge_t *self, gw_envelope_t **env_p)
+{
+    if (*env_p && self->envelope_count < POOL_MAX) {
+        self->envelopes[self->envelope_count++] = *env_p;
+        *env_p = NULL;
+    }
+    gw_envelope_destroy (env_p);
+}
+
 static void
 s_request_destroy (s_request_t **req_p)
 {
@@ -747,7 +768,7 @@ s_request_destroy (s_request_t **req_p)
     assert (!req->easy);
     for (size_t i = 0; i < req->channel_count; i++)
         s_channel_clear (&req->channels[i]);
-    gw_envelope_destroy (&req->envelope);
+    s_envelope_put (req->bridge, &req->envelope);
     zframe_destroy (&req->body);
     msgpack_sbuffer_destroy (&req->upbody);
     free (req->resp.data);
@@ -1520,10 +1541,10 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
 {
     const uint8_t *rid = gw_msg_rid (msg);
     zframe_t *env_frame = gw_msg_envelope (msg);
-    gw_envelope_t *env = gw_envelope_new ();
+    gw_envelope_t *env = s_envelope_get (self);
     if (!env_frame ||
         gw_envelope_decode (env, zframe_data (env_frame), zframe_size (env_frame))) {
-        gw_envelope_destroy (&env);
+        s_envelope_put (self, &env);
         gw_worker_error (self->worker, rid, 400, "invalid_request_error", "bad_envelope",
             "the request envelope is missing or malformed");
         return;
@@ -1540,7 +1561,7 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
         s_error_env (self, rid, env, 400, "invalid_request_error",
             "unsupported_operation",
             "the bridge serves chat, completions and embeddings");
-        gw_envelope_destroy (&env);
+        s_envelope_put (self, &env);
         return;
     }
     if (self->usage &&
@@ -1551,7 +1572,7 @@ s_on_request (s_bridge_t *self, gw_msg_t *msg)
         self->n_refused++;
         s_error_env (self, rid, env, 503, "api_error", "usage_spool_full",
             "the gateway cannot record usage right now (billing is behind); retry later");
-        gw_envelope_destroy (&env);
+        s_envelope_put (self, &env);
         return;
     }
     s_request_t *req = (s_request_t *)zmalloc (sizeof (s_request_t));
@@ -1784,6 +1805,8 @@ s_bridge_destroy (s_bridge_t **self_p)
     zhashx_destroy (&self->requests);
     while (self->pool_size)
         curl_easy_cleanup (self->pool[--self->pool_size]);
+    while (self->envelope_count)
+        gw_envelope_destroy (&self->envelopes[--self->envelope_count]);
     curl_multi_cleanup (self->multi);  //  closes sockets: REMOVE callbacks
     for (size_t i = 0; i < self->sock_count; i++)
         free (self->socks[i]);
