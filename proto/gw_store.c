@@ -3,10 +3,17 @@
 //
 //  Design note. Every statement is written once, in the SQL both engines
 //  share (INSERT … ON CONFLICT … DO NOTHING / DO UPDATE, RETURNING, which
-//  SQLite has had since 3.35), with $1..$n parameters; for SQLite the text
-//  is rewritten to ?1..?n once and the prepared statement cached by its
-//  text. Only the migrations differ per engine. Parameters are always bound
-//  (sqlite3_bind_*, PQexecParams with a binary bytea for request ids): no
+//  SQLite has had since 3.35), with $1..$n parameters, and prepared once per
+//  connection, cached by its text: for SQLite the text is rewritten to
+//  ?1..?n and the sqlite3_stmt kept; for PostgreSQL it is PQprepare'd under
+//  a name ("s1", "s2", …) and run with PQexecPrepared, so the server parses,
+//  analyses and plans it once per session instead of once per call. Those
+//  names live only as long as the server session: the cache is emptied
+//  whenever the connection is reset, and a statement the server reports
+//  missing (SQLSTATE 26000) empties it too and is prepared again (at once
+//  if no transaction is open, else by record_usage's retry). Only the
+//  migrations differ per engine. Parameters are always bound
+//  (sqlite3_bind_*, PQexecPrepared with a binary bytea for request ids): no
 //  SQL is ever built from data. Change detection uses RETURNING so both
 //  engines count affected rows the same way.
 //
@@ -27,7 +34,8 @@
 //  that break the schema's promises (NULL, a non-integer, an overflowed sum)
 //  are reported as GW_STORE_FAILED with the column named — never trusted,
 //  never asserted on. Rates: a batch of N events costs N+1…2N+2 statements
-//  in one transaction (≈50 µs each on loopback PostgreSQL, a few µs on
+//  in one transaction (one round trip each on PostgreSQL, plus one to
+//  prepare on a statement's first use per connection; a few µs each on
 //  SQLite) plus one commit.
 
 #include "aigw.h"
@@ -48,6 +56,10 @@ struct _gw_store_t {
     sqlite3 *db;  //  SQLite connection, or NULL
     zhashx_t *stmts;  //  SQLite: statement text -> sqlite3_stmt *
     PGconn *pg;  //  PostgreSQL connection, or NULL
+    zhashx_t *names;  //  PostgreSQL: statement text -> name prepared on this connection
+    uint64_t serial;  //  PostgreSQL: last statement name number given ("s<serial>")
+    uint64_t lost;  //  PostgreSQL: times the server had lost our prepared statements
+    bool stale;  //  PostgreSQL: the session may hold statements the cache forgot
     int version;  //  schema version after migrations
     uint64_t commits;  //  record_usage transactions committed
     bool in_tx;  //  a transaction is open
@@ -310,6 +322,9 @@ s_ready (gw_store_t *self)
     if (self->backend != S_POSTGRES || PQstatus (self->pg) == CONNECTION_OK)
         return 0;
     self->in_tx = false;
+    //  A new session knows none of the old one's prepared statements.
+    zhashx_purge (self->names);
+    self->stale = false;
     PQreset (self->pg);
     if (PQstatus (self->pg) == CONNECTION_OK) {
         gw_warn ("store: postgres connection re-established");
@@ -347,6 +362,13 @@ s_sqlite_fail (gw_store_t *self, int code, const char *sql)
 }
 
 static void
+s_name_free (void **item)
+{
+    free (*item);
+    *item = NULL;
+}
+
+static void
 s_stmt_free (void **item)
 {
     sqlite3_stmt *stmt = (sqlite3_stmt *)*item;
@@ -375,6 +397,76 @@ s_prepare (gw_store_t *self, const char *sql, int *code)
     }
     zhashx_insert (self->stmts, sql, stmt);
     return stmt;
+}
+
+//  PostgreSQL: run sql as a statement prepared on this connection (parsed,
+//  analysed and planned once per session, not per call), preparing it on
+//  first use. A statement the server no longer knows (SQLSTATE 26000:
+//  DEALLOCATE, DISCARD ALL, a pooler that moved us) empties the whole cache,
+//  and the session's own list too (DEALLOCATE ALL) as soon as no transaction
+//  is open, so that the two agree again. With no transaction open the
+//  statement is then prepared again and run once more; inside one the
+//  transaction is already aborted, so the call fails with
+//  GW_STORE_UNAVAILABLE, which record_usage retries in a new transaction.
+static int
+s_pg_run (gw_store_t *self, const char *sql, int count, const char *const *values,
+    const int *lengths, const int *formats, PGresult **result_p)
+{
+    for (int attempt = 0;; attempt++) {
+        if (self->stale && PQtransactionStatus (self->pg) == PQTRANS_IDLE) {
+            PGresult *result = PQexec (self->pg, "DEALLOCATE ALL");
+            int rc = PQresultStatus (result) == PGRES_COMMAND_OK
+                ? 0
+                : s_pg_fail (self, result, "DEALLOCATE ALL");
+            PQclear (result);
+            if (rc)
+                return rc;
+            zhashx_purge (self->names);
+            self->stale = false;
+        }
+        const char *name = (const char *)zhashx_lookup (self->names, sql);
+        if (!name) {
+            char fresh[32];
+            snprintf (fresh, sizeof (fresh), "s%" PRIu64, ++self->serial);
+            PGresult *prepared = PQprepare (self->pg, fresh, sql, 0, NULL);
+            if (!prepared || PQresultStatus (prepared) != PGRES_COMMAND_OK) {
+                int rc = s_pg_fail (self, prepared, sql);
+                PQclear (prepared);
+                return rc;
+            }
+            PQclear (prepared);
+            char *copy = strdup (fresh);
+            assert (copy);
+            zhashx_insert (self->names, sql, copy);
+            name = copy;
+        }
+        PGresult *result =
+            PQexecPrepared (self->pg, name, count, values, lengths, formats, 0);
+        ExecStatusType status = result ? PQresultStatus (result) : PGRES_FATAL_ERROR;
+        if (status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK) {
+            *result_p = result;
+            return 0;
+        }
+        const char *state = result ? PQresultErrorField (result, PG_DIAG_SQLSTATE) : NULL;
+        if (state && streq (state, "26000") && PQstatus (self->pg) == CONNECTION_OK) {
+            gw_warn (
+                "store: postgres: prepared statement %s lost, preparing again", name);
+            zhashx_purge (self->names);
+            self->stale = true;
+            self->lost++;
+            if (attempt == 0 && PQtransactionStatus (self->pg) == PQTRANS_IDLE) {
+                PQclear (result);
+                continue;
+            }
+            int rc = s_pg_fail (self, result, sql);
+            PQclear (result);
+            return PQtransactionStatus (self->pg) == PQTRANS_IDLE ? rc
+                                                                  : GW_STORE_UNAVAILABLE;
+        }
+        int rc = s_pg_fail (self, result, sql);
+        PQclear (result);
+        return rc;
+    }
 }
 
 //  Run sql with count parameters; rows are then read with s_next. Returns 0
@@ -434,14 +526,10 @@ s_query (gw_store_t *self, s_cursor_t *cursor, const char *sql, const s_param_t 
         else
             values[i] = NULL;
     }
-    PGresult *result =
-        PQexecParams (self->pg, sql, count, NULL, values, lengths, formats, 0);
-    ExecStatusType status = result ? PQresultStatus (result) : PGRES_FATAL_ERROR;
-    if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
-        int rc = s_pg_fail (self, result, sql);
-        PQclear (result);
+    PGresult *result = NULL;
+    int rc = s_pg_run (self, sql, count, values, lengths, formats, &result);
+    if (rc)
         return rc;
-    }
     cursor->result = result;
     cursor->rows = PQntuples (result);
     cursor->row = -1;
@@ -745,6 +833,9 @@ static int
 s_open_postgres (gw_store_t *self, const char *url)
 {
     self->backend = S_POSTGRES;
+    self->names = zhashx_new ();
+    assert (self->names);
+    zhashx_set_destructor (self->names, s_name_free);
     //  Keywords before dbname are defaults the URL may override.
     const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
     const char *values[] = {"5", "aigw", url, NULL};
@@ -797,6 +888,7 @@ gw_store_destroy (gw_store_t **self_p)
     gw_store_t *self = *self_p;
     if (self) {
         zhashx_destroy (&self->stmts);  //  finalizes statements before close
+        zhashx_destroy (&self->names);
         if (self->db)
             sqlite3_close (self->db);
         if (self->pg)
@@ -1708,6 +1800,43 @@ s_pg_kill (const char *url, gw_store_t *store)
     zclock_sleep (50);
 }
 
+//  The store's statement cache names exactly what its PostgreSQL session
+//  has prepared, and the server never had to tell it one was missing.
+static void
+s_pg_cache_check (gw_store_t *store, uint64_t lost)
+{
+    PGresult *result =
+        PQexec (store->pg, "SELECT name, statement FROM pg_prepared_statements");
+    assert (PQresultStatus (result) == PGRES_TUPLES_OK);
+    int rows = PQntuples (result);
+    assert (rows > 0 && (size_t)rows == zhashx_size (store->names));
+    for (int row = 0; row < rows; row++) {
+        const char *name =
+            (const char *)zhashx_lookup (store->names, PQgetvalue (result, row, 1));
+        assert (name && streq (name, PQgetvalue (result, row, 0)));
+    }
+    PQclear (result);
+    assert (store->lost == lost);
+}
+
+//  Deallocate, behind the store's back, its statement whose text starts
+//  with head (as a pooler or DISCARD ALL would).
+static void
+s_pg_forget (gw_store_t *store, const char *head)
+{
+    const char *values[] = {head};
+    PGresult *result = PQexecParams (store->pg,
+        "SELECT name FROM pg_prepared_statements WHERE starts_with (statement, $1)", 1,
+        NULL, values, NULL, NULL, 0);
+    assert (PQresultStatus (result) == PGRES_TUPLES_OK && PQntuples (result) == 1);
+    char sql[64];
+    snprintf (sql, sizeof (sql), "DEALLOCATE %s", PQgetvalue (result, 0, 0));
+    PQclear (result);
+    result = PQexec (store->pg, sql);
+    assert (PQresultStatus (result) == PGRES_COMMAND_OK);
+    PQclear (result);
+}
+
 static int64_t
 s_scalar (gw_store_t *store, const char *sql, const s_param_t *params, int count)
 {
@@ -2083,6 +2212,44 @@ s_test_backend (const char *url, bool verbose)
             printf ("\n    after kill: %d %s", rc, gw_store_error (store));
         assert (rc == 0 || rc == GW_STORE_UNAVAILABLE);
         assert (gw_store_price_get (store, "mini", &got) == 0 && got.input == 150000);
+
+        //  Prepared statements belong to the session: a reconnect must start
+        //  from an empty cache (the server would otherwise have to report
+        //  each one missing), and one lost behind our back is prepared again,
+        //  inside a transaction by record_usage's retry.
+        int64_t rows_before =
+            s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0);
+        assert (gw_store_user_get (store, "bob", NULL, 0, &bob_before) == 0);
+        gw_usage_event_t again[3];
+        s_event (&again[0], 9100, "bob", "mini", 7);
+        s_event (&again[1], 9101, "bob", "mini", 11);
+        s_event (&again[2], 9100, "bob", "mini", 7);
+        assert (gw_store_record_usage (store, again, 2) == 0);
+        s_pg_cache_check (store, 0);
+        s_pg_kill (url, store);
+        assert (gw_store_record_usage (store, again + 1, 2) == 0);
+        assert (again[1].duplicate && again[1].recorded_cost == 11);
+        assert (again[2].duplicate && again[2].recorded_cost == 7);
+        s_pg_cache_check (store, 0);
+        s_pg_kill (url, store);
+        gw_store_price_get (store, "mini", &got);  //  may report the reset once
+        assert (gw_store_price_get (store, "mini", &got) == 0 && got.input == 150000);
+        s_pg_cache_check (store, 0);
+        s_pg_forget (store, "SELECT model, input_micros");
+        assert (gw_store_price_get (store, "mini", &got) == 0 && got.input == 150000);
+        s_pg_cache_check (store, 1);
+        assert (gw_store_record_usage (store, again + 1, 2) == 0);
+        s_pg_cache_check (store, 1);
+        s_pg_forget (store, "INSERT INTO usage_ledger");
+        s_event (&again[0], 9102, "bob", "mini", 13);
+        assert (gw_store_record_usage (store, again, 3) == 0);
+        assert (!again[0].duplicate && again[1].duplicate && again[2].duplicate);
+        s_pg_cache_check (store, 2);
+        assert (s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0) ==
+            rows_before + 3);
+        assert (gw_store_user_get (store, "bob", NULL, 0, &bob_after) == 0 &&
+            bob_after == bob_before - 7 - 11 - 13);
+
         //  Bad rows: a NULL where an integer belongs.
         assert (
             s_simple (store,
