@@ -3,22 +3,34 @@
 //
 //  Design note. Every statement is written once, in the SQL both engines
 //  share (INSERT … ON CONFLICT … DO NOTHING / DO UPDATE, RETURNING, which
-//  SQLite has had since 3.35), with $1..$n parameters; for SQLite the text
-//  is rewritten to ?1..?n once and the prepared statement cached by its
-//  text. Only the migrations differ per engine. Parameters are always bound
-//  (sqlite3_bind_*, PQexecParams with a binary bytea for request ids): no
+//  SQLite has had since 3.35), with $1..$n parameters, and prepared once per
+//  connection, cached by its text: for SQLite the text is rewritten to
+//  ?1..?n and the sqlite3_stmt kept; for PostgreSQL it is PQprepare'd under
+//  a name ("s1", "s2", …) and run with PQexecPrepared, so the server parses,
+//  analyses and plans it once per session instead of once per call. Those
+//  names live only as long as the server session: the cache is emptied
+//  whenever the connection is reset, and a statement the server reports
+//  missing (SQLSTATE 26000) empties it too and is prepared again (at once
+//  if no transaction is open, else by record_usage's retry). Only the
+//  migrations differ per engine. Parameters are always bound
+//  (sqlite3_bind_*, PQexecPrepared with a binary bytea for request ids): no
 //  SQL is ever built from data. Change detection uses RETURNING so both
 //  engines count affected rows the same way.
 //
 //  The ledger is the truth: usage_ledger has one row per request id
 //  (primary key), and users.balance_micros moves in the same transaction as
 //  the rows it sums, so balance = credits − Σ cost always holds. A batch
-//  inserts its rows in rid order and then updates balances in user order,
-//  so two writers (replicas) on PostgreSQL lock rows in the same order and
-//  cannot deadlock; SQLite writers take the write lock up front (BEGIN
-//  IMMEDIATE) and wait for each other up to the busy timeout (WAL mode, so
-//  readers never block). SQLite runs with synchronous=FULL: an ack after
-//  COMMIT survives a power cut, not only a killed process.
+//  inserts its rows in rid order, several per INSERT (chunks of 32, then
+//  16, 8, 4, 2, 1 rows: six statement texts to prepare, whatever the batch
+//  size; RETURNING request_id names the rows that were new, the others were
+//  recorded before and only their cost is read back; a rid repeated inside
+//  the batch is sent once and its later events are duplicates of the first),
+//  and then updates balances in user order, so two writers (replicas) on
+//  PostgreSQL lock rows in the same order and cannot deadlock; SQLite
+//  writers take the write lock up front (BEGIN IMMEDIATE) and wait for each
+//  other up to the busy timeout (WAL mode, so readers never block). SQLite
+//  runs with synchronous=FULL: an ack after COMMIT survives a power cut, not
+//  only a killed process.
 //
 //  Failure. A PostgreSQL connection found broken is reset once per
 //  operation (PQreset, bounded by connect_timeout); if that fails the call
@@ -26,9 +38,11 @@
 //  call tries again. A statement error rolls the transaction back. Rows
 //  that break the schema's promises (NULL, a non-integer, an overflowed sum)
 //  are reported as GW_STORE_FAILED with the column named — never trusted,
-//  never asserted on. Rates: a batch of N events costs N+1…2N+2 statements
-//  in one transaction (≈50 µs each on loopback PostgreSQL, a few µs on
-//  SQLite) plus one commit.
+//  never asserted on. Rates: a batch of N distinct rids from U users costs,
+//  in one transaction, BEGIN, N/32 + popcount (N mod 32) ledger INSERTs, one
+//  SELECT per rid recorded before, 2U balance statements and COMMIT (one
+//  round trip each on PostgreSQL, plus one to prepare on a statement's
+//  first use per connection; a few µs each on SQLite).
 
 #include "aigw.h"
 #include "gw_store.h"
@@ -39,7 +53,12 @@
 
 #define S_SQLITE 1
 #define S_POSTGRES 2
-#define S_PARAMS_MAX 16
+#define S_LEDGER_COLUMNS 14  //  parameters per usage_ledger row
+#define S_CHUNK_KINDS 6  //  ledger INSERTs of 1, 2, 4, … S_CHUNK_ROWS rows
+#define S_CHUNK_ROWS (1 << (S_CHUNK_KINDS - 1))
+#define S_PARAMS_MAX (S_LEDGER_COLUMNS * S_CHUNK_ROWS)
+//  SQLite before 3.32 allowed 999 variables per statement.
+_Static_assert(S_PARAMS_MAX <= 999, "a ledger chunk has too many parameters");
 #define S_BUSY_MS 10000
 #define S_DEFAULT_URL "var/aigw.db"
 
@@ -48,6 +67,11 @@ struct _gw_store_t {
     sqlite3 *db;  //  SQLite connection, or NULL
     zhashx_t *stmts;  //  SQLite: statement text -> sqlite3_stmt *
     PGconn *pg;  //  PostgreSQL connection, or NULL
+    zhashx_t *names;  //  PostgreSQL: statement text -> name prepared on this connection
+    uint64_t serial;  //  PostgreSQL: last statement name number given ("s<serial>")
+    uint64_t lost;  //  PostgreSQL: times the server had lost our prepared statements
+    bool stale;  //  PostgreSQL: the session may hold statements the cache forgot
+    char *chunk_sql[S_CHUNK_KINDS];  //  ledger INSERT of 2^k rows, built on first use
     int version;  //  schema version after migrations
     uint64_t commits;  //  record_usage transactions committed
     bool in_tx;  //  a transaction is open
@@ -310,6 +334,9 @@ s_ready (gw_store_t *self)
     if (self->backend != S_POSTGRES || PQstatus (self->pg) == CONNECTION_OK)
         return 0;
     self->in_tx = false;
+    //  A new session knows none of the old one's prepared statements.
+    zhashx_purge (self->names);
+    self->stale = false;
     PQreset (self->pg);
     if (PQstatus (self->pg) == CONNECTION_OK) {
         gw_warn ("store: postgres connection re-established");
@@ -347,6 +374,13 @@ s_sqlite_fail (gw_store_t *self, int code, const char *sql)
 }
 
 static void
+s_name_free (void **item)
+{
+    free (*item);
+    *item = NULL;
+}
+
+static void
 s_stmt_free (void **item)
 {
     sqlite3_stmt *stmt = (sqlite3_stmt *)*item;
@@ -375,6 +409,76 @@ s_prepare (gw_store_t *self, const char *sql, int *code)
     }
     zhashx_insert (self->stmts, sql, stmt);
     return stmt;
+}
+
+//  PostgreSQL: run sql as a statement prepared on this connection (parsed,
+//  analysed and planned once per session, not per call), preparing it on
+//  first use. A statement the server no longer knows (SQLSTATE 26000:
+//  DEALLOCATE, DISCARD ALL, a pooler that moved us) empties the whole cache,
+//  and the session's own list too (DEALLOCATE ALL) as soon as no transaction
+//  is open, so that the two agree again. With no transaction open the
+//  statement is then prepared again and run once more; inside one the
+//  transaction is already aborted, so the call fails with
+//  GW_STORE_UNAVAILABLE, which record_usage retries in a new transaction.
+static int
+s_pg_run (gw_store_t *self, const char *sql, int count, const char *const *values,
+    const int *lengths, const int *formats, PGresult **result_p)
+{
+    for (int attempt = 0;; attempt++) {
+        if (self->stale && PQtransactionStatus (self->pg) == PQTRANS_IDLE) {
+            PGresult *result = PQexec (self->pg, "DEALLOCATE ALL");
+            int rc = PQresultStatus (result) == PGRES_COMMAND_OK
+                ? 0
+                : s_pg_fail (self, result, "DEALLOCATE ALL");
+            PQclear (result);
+            if (rc)
+                return rc;
+            zhashx_purge (self->names);
+            self->stale = false;
+        }
+        const char *name = (const char *)zhashx_lookup (self->names, sql);
+        if (!name) {
+            char fresh[32];
+            snprintf (fresh, sizeof (fresh), "s%" PRIu64, ++self->serial);
+            PGresult *prepared = PQprepare (self->pg, fresh, sql, 0, NULL);
+            if (!prepared || PQresultStatus (prepared) != PGRES_COMMAND_OK) {
+                int rc = s_pg_fail (self, prepared, sql);
+                PQclear (prepared);
+                return rc;
+            }
+            PQclear (prepared);
+            char *copy = strdup (fresh);
+            assert (copy);
+            zhashx_insert (self->names, sql, copy);
+            name = copy;
+        }
+        PGresult *result =
+            PQexecPrepared (self->pg, name, count, values, lengths, formats, 0);
+        ExecStatusType status = result ? PQresultStatus (result) : PGRES_FATAL_ERROR;
+        if (status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK) {
+            *result_p = result;
+            return 0;
+        }
+        const char *state = result ? PQresultErrorField (result, PG_DIAG_SQLSTATE) : NULL;
+        if (state && streq (state, "26000") && PQstatus (self->pg) == CONNECTION_OK) {
+            gw_warn (
+                "store: postgres: prepared statement %s lost, preparing again", name);
+            zhashx_purge (self->names);
+            self->stale = true;
+            self->lost++;
+            if (attempt == 0 && PQtransactionStatus (self->pg) == PQTRANS_IDLE) {
+                PQclear (result);
+                continue;
+            }
+            int rc = s_pg_fail (self, result, sql);
+            PQclear (result);
+            return PQtransactionStatus (self->pg) == PQTRANS_IDLE ? rc
+                                                                  : GW_STORE_UNAVAILABLE;
+        }
+        int rc = s_pg_fail (self, result, sql);
+        PQclear (result);
+        return rc;
+    }
 }
 
 //  Run sql with count parameters; rows are then read with s_next. Returns 0
@@ -434,14 +538,10 @@ s_query (gw_store_t *self, s_cursor_t *cursor, const char *sql, const s_param_t 
         else
             values[i] = NULL;
     }
-    PGresult *result =
-        PQexecParams (self->pg, sql, count, NULL, values, lengths, formats, 0);
-    ExecStatusType status = result ? PQresultStatus (result) : PGRES_FATAL_ERROR;
-    if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
-        int rc = s_pg_fail (self, result, sql);
-        PQclear (result);
+    PGresult *result = NULL;
+    int rc = s_pg_run (self, sql, count, values, lengths, formats, &result);
+    if (rc)
         return rc;
-    }
     cursor->result = result;
     cursor->rows = PQntuples (result);
     cursor->row = -1;
@@ -534,6 +634,41 @@ s_text_copy (s_cursor_t *cursor, int column, char *out, size_t size)
             cursor->store->backend == S_SQLITE ? "sqlite" : "postgres", column);
     snprintf (out, size, "%s", text);
     return 0;
+}
+
+//  Request id column (16 bytes) of the current row, copied into rid. Any
+//  other value is a GW_STORE_FAILED naming the column.
+static int
+s_rid (s_cursor_t *cursor, int column, uint8_t *rid)
+{
+    gw_store_t *self = cursor->store;
+    if (self->backend == S_SQLITE) {
+        const void *bytes = sqlite3_column_blob (cursor->stmt, column);
+        if (sqlite3_column_type (cursor->stmt, column) == SQLITE_BLOB &&
+            sqlite3_column_bytes (cursor->stmt, column) == 16) {
+            memcpy (rid, bytes, 16);
+            return 0;
+        }
+        const char *name = sqlite3_column_name (cursor->stmt, column);
+        return s_fail (self, GW_STORE_FAILED,
+            "sqlite: bad row: column %s is not a 16-byte request id", name ? name : "?");
+    }
+    bool ok = false;
+    if (!PQgetisnull (cursor->result, cursor->row, column)) {
+        size_t size = 0;
+        unsigned char *bytes = PQunescapeBytea (
+            (const unsigned char *)PQgetvalue (cursor->result, cursor->row, column),
+            &size);
+        ok = bytes && size == 16;
+        if (ok)
+            memcpy (rid, bytes, 16);
+        PQfreemem (bytes);
+    }
+    if (ok)
+        return 0;
+    const char *name = PQfname (cursor->result, column);
+    return s_fail (self, GW_STORE_FAILED,
+        "postgres: bad row: column %s is not a 16-byte request id", name ? name : "?");
 }
 
 //  Run a statement and count the rows it returns (RETURNING counts the rows
@@ -745,6 +880,9 @@ static int
 s_open_postgres (gw_store_t *self, const char *url)
 {
     self->backend = S_POSTGRES;
+    self->names = zhashx_new ();
+    assert (self->names);
+    zhashx_set_destructor (self->names, s_name_free);
     //  Keywords before dbname are defaults the URL may override.
     const char *keys[] = {"connect_timeout", "application_name", "dbname", NULL};
     const char *values[] = {"5", "aigw", url, NULL};
@@ -797,6 +935,9 @@ gw_store_destroy (gw_store_t **self_p)
     gw_store_t *self = *self_p;
     if (self) {
         zhashx_destroy (&self->stmts);  //  finalizes statements before close
+        zhashx_destroy (&self->names);
+        for (int kind = 0; kind < S_CHUNK_KINDS; kind++)
+            free (self->chunk_sql[kind]);
         if (self->db)
             sqlite3_close (self->db);
         if (self->pg)
@@ -905,43 +1046,111 @@ s_event_check (gw_store_t *self, const gw_usage_event_t *event, size_t index)
     return 0;
 }
 
-//  The batch, inside an open transaction.
-static int
-s_record (gw_store_t *self, gw_usage_event_t *events, size_t count, const size_t *order,
-    s_debit_t *debits, size_t *debit_count)
+//  The ledger INSERT of 2^kind rows: the same text for every chunk of that
+//  size, so it is prepared once per connection (a text per row count
+//  would defeat the statement caches).
+static const char *
+s_chunk_sql (gw_store_t *self, int kind)
 {
-    int64_t now = gw_time_ms ();
-    *debit_count = 0;
-    for (size_t n = 0; n < count; n++) {
-        gw_usage_event_t *event = &events[order[n]];
-        s_param_t params[] = {P_BLOB (event->rid, 16), P_INT (event->ts),
-            P_TEXT (event->key), P_TEXT (event->user), P_TEXT (event->group),
-            P_TEXT (event->model), P_TEXT (event->channel), P_INT (event->prompt_tokens),
-            P_INT (event->completion_tokens), P_INT (event->cached_tokens),
-            P_INT (event->cost), P_INT (event->estimated ? 1 : 0), P_INT (event->status),
-            P_INT (now)};
-        int rc = s_exec (self,
-            "INSERT INTO usage_ledger (request_id, ts_ms, key_id, user_name, group_name,"
-            " model, channel, prompt_tokens, completion_tokens, cached_tokens,"
-            " cost_micros, estimated, status, recorded_ms)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-            " ON CONFLICT (request_id) DO NOTHING RETURNING 1",
-            params, 14);
-        if (rc < 0)
-            return rc;
-        if (rc == 1) {
-            event->duplicate = false;
-            event->recorded_cost = event->cost;
-            debits[(*debit_count)++] =
-                (s_debit_t){event->user, event->group, event->cost};
-            continue;
-        }
-        //  Already there (an earlier batch, or earlier in this one): report
-        //  the cost that was recorded then.
+    assert (kind >= 0 && kind < S_CHUNK_KINDS);
+    if (self->chunk_sql[kind])
+        return self->chunk_sql[kind];
+    static const char head[] =
+        "INSERT INTO usage_ledger (request_id, ts_ms, key_id, user_name, group_name,"
+        " model, channel, prompt_tokens, completion_tokens, cached_tokens,"
+        " cost_micros, estimated, status, recorded_ms) VALUES ";
+    static const char tail[] =
+        " ON CONFLICT (request_id) DO NOTHING RETURNING request_id";
+    int rows = 1 << kind;
+    //  "$nnn, " is at most 6 bytes, "(…), " adds 4 per row.
+    size_t size =
+        sizeof (head) + sizeof (tail) + (size_t)rows * (S_LEDGER_COLUMNS * 6 + 4);
+    char *text = (char *)malloc (size);
+    assert (text);
+    size_t used = (size_t)snprintf (text, size, "%s", head);
+    int param = 1;
+    for (int row = 0; row < rows; row++) {
+        used += (size_t)snprintf (text + used, size - used, row ? ", (" : "(");
+        for (int column = 0; column < S_LEDGER_COLUMNS; column++)
+            used += (size_t)snprintf (
+                text + used, size - used, column ? ", $%d" : "$%d", param++);
+        used += (size_t)snprintf (text + used, size - used, ")");
+    }
+    used += (size_t)snprintf (text + used, size - used, "%s", tail);
+    assert (used < size);
+    self->chunk_sql[kind] = text;
+    return text;
+}
+
+//  Insert the ledger rows of events chunk[0..rows) (distinct rids, in rid
+//  order) with one statement; RETURNING names the rows that were new, the
+//  others were there before: they are duplicates and report the cost
+//  recorded then.
+static int
+s_record_chunk (gw_store_t *self, gw_usage_event_t *events, const size_t *chunk, int kind,
+    int64_t now, s_debit_t *debits, size_t *debit_count)
+{
+    size_t rows = (size_t)1 << kind;
+    s_param_t params[S_PARAMS_MAX];
+    s_param_t *param = params;
+    for (size_t row = 0; row < rows; row++) {
+        gw_usage_event_t *event = &events[chunk[row]];
         event->duplicate = true;
-        s_cursor_t cursor;
+        *param++ = P_BLOB (event->rid, 16);
+        *param++ = P_INT (event->ts);
+        *param++ = P_TEXT (event->key);
+        *param++ = P_TEXT (event->user);
+        *param++ = P_TEXT (event->group);
+        *param++ = P_TEXT (event->model);
+        *param++ = P_TEXT (event->channel);
+        *param++ = P_INT (event->prompt_tokens);
+        *param++ = P_INT (event->completion_tokens);
+        *param++ = P_INT (event->cached_tokens);
+        *param++ = P_INT (event->cost);
+        *param++ = P_INT (event->estimated ? 1 : 0);
+        *param++ = P_INT (event->status);
+        *param++ = P_INT (now);
+    }
+    assert (param - params == (ptrdiff_t)(rows * S_LEDGER_COLUMNS));
+    s_cursor_t cursor;
+    int rc = s_query (
+        self, &cursor, s_chunk_sql (self, kind), params, (int)(rows * S_LEDGER_COLUMNS));
+    if (rc)
+        return rc;
+    while ((rc = s_next (&cursor)) == 1) {
+        uint8_t rid[16];
+        if ((rc = s_rid (&cursor, 0, rid)))
+            break;
+        //  Binary search: the chunk is in rid order.
+        size_t low = 0, high = rows;
+        while (low < high) {
+            size_t middle = low + (high - low) / 2;
+            if (memcmp (events[chunk[middle]].rid, rid, 16) < 0)
+                low = middle + 1;
+            else
+                high = middle;
+        }
+        gw_usage_event_t *event = low < rows ? &events[chunk[low]] : NULL;
+        if (!event || memcmp (event->rid, rid, 16) || !event->duplicate) {
+            rc = s_fail (
+                self, GW_STORE_FAILED, "ledger INSERT returned a row it was not given");
+            break;
+        }
+        event->duplicate = false;
+        event->recorded_cost = event->cost;
+        debits[(*debit_count)++] = (s_debit_t){event->user, event->group, event->cost};
+    }
+    s_done (&cursor);
+    if (rc < 0)
+        return rc;
+    //  Already there (an earlier batch): report the cost recorded then.
+    for (size_t row = 0; row < rows; row++) {
+        gw_usage_event_t *event = &events[chunk[row]];
+        if (!event->duplicate)
+            continue;
+        s_param_t key[] = {P_BLOB (event->rid, 16)};
         rc = s_query (self, &cursor,
-            "SELECT cost_micros FROM usage_ledger WHERE request_id = $1", params, 1);
+            "SELECT cost_micros FROM usage_ledger WHERE request_id = $1", key, 1);
         if (rc)
             return rc;
         rc = s_next (&cursor);
@@ -952,6 +1161,51 @@ s_record (gw_store_t *self, gw_usage_event_t *events, size_t count, const size_t
         s_done (&cursor);
         if (rc)
             return rc;
+    }
+    return 0;
+}
+
+//  The batch, inside an open transaction.
+static int
+s_record (gw_store_t *self, gw_usage_event_t *events, size_t count, const size_t *order,
+    s_debit_t *debits, size_t *debit_count)
+{
+    int64_t now = gw_time_ms ();
+    *debit_count = 0;
+    //  Ledger rows, the first event of each rid only, in rid order, in
+    //  chunks of S_CHUNK_ROWS, then of the powers of two below it: a few
+    //  statements per batch, from S_CHUNK_KINDS texts.
+    size_t unique = 0;
+    for (size_t n = 0; n < count; n++)
+        if (n == 0 || memcmp (events[order[n]].rid, events[order[n - 1]].rid, 16))
+            unique++;
+    size_t next = 0;  //  position in order of the next event to insert
+    while (unique > 0) {
+        int kind = S_CHUNK_KINDS - 1;
+        while (((size_t)1 << kind) > unique)
+            kind--;
+        size_t rows = (size_t)1 << kind;
+        size_t chunk[S_CHUNK_ROWS];
+        for (size_t taken = 0; taken < rows; next++) {
+            assert (next < count);
+            if (next == 0 ||
+                memcmp (events[order[next]].rid, events[order[next - 1]].rid, 16))
+                chunk[taken++] = order[next];
+        }
+        int rc = s_record_chunk (self, events, chunk, kind, now, debits, debit_count);
+        if (rc)
+            return rc;
+        unique -= rows;
+    }
+    //  The same rid again in this batch: a duplicate of its first event,
+    //  reporting the cost recorded for it.
+    for (size_t n = 1; n < count; n++) {
+        gw_usage_event_t *event = &events[order[n]];
+        const gw_usage_event_t *first = &events[order[n - 1]];
+        if (!memcmp (event->rid, first->rid, 16)) {
+            event->duplicate = true;
+            event->recorded_cost = first->recorded_cost;
+        }
     }
     //  Balances, one update per user, in user order.
     qsort (debits, *debit_count, sizeof (s_debit_t), s_compare_debit);
@@ -1708,6 +1962,45 @@ s_pg_kill (const char *url, gw_store_t *store)
     zclock_sleep (50);
 }
 
+//  The store's statement cache names exactly what its PostgreSQL session
+//  has prepared, and the server never had to tell it one was missing.
+static void
+s_pg_cache_check (gw_store_t *store, uint64_t lost)
+{
+    PGresult *result =
+        PQexec (store->pg, "SELECT name, statement FROM pg_prepared_statements");
+    assert (PQresultStatus (result) == PGRES_TUPLES_OK);
+    int rows = PQntuples (result);
+    assert (rows > 0 && (size_t)rows == zhashx_size (store->names));
+    for (int row = 0; row < rows; row++) {
+        const char *name =
+            (const char *)zhashx_lookup (store->names, PQgetvalue (result, row, 1));
+        assert (name && streq (name, PQgetvalue (result, row, 0)));
+    }
+    PQclear (result);
+    assert (store->lost == lost);
+}
+
+//  Deallocate, behind the store's back, its statements whose text starts
+//  with head (as a pooler or DISCARD ALL would).
+static void
+s_pg_forget (gw_store_t *store, const char *head)
+{
+    const char *values[] = {head};
+    PGresult *names = PQexecParams (store->pg,
+        "SELECT name FROM pg_prepared_statements WHERE starts_with (statement, $1)", 1,
+        NULL, values, NULL, NULL, 0);
+    assert (PQresultStatus (names) == PGRES_TUPLES_OK && PQntuples (names) > 0);
+    for (int row = 0; row < PQntuples (names); row++) {
+        char sql[64];
+        snprintf (sql, sizeof (sql), "DEALLOCATE %s", PQgetvalue (names, row, 0));
+        PGresult *result = PQexec (store->pg, sql);
+        assert (PQresultStatus (result) == PGRES_COMMAND_OK);
+        PQclear (result);
+    }
+    PQclear (names);
+}
+
 static int64_t
 s_scalar (gw_store_t *store, const char *sql, const s_param_t *params, int count)
 {
@@ -2005,6 +2298,63 @@ s_test_backend (const char *url, bool verbose)
         balance == 5000000 - 705);
     assert (gw_store_record_usage (store, NULL, 0) == 0);
 
+    //  A batch of several chunks (90 distinct rids: 32 + 32 + 16 + 8 + 2
+    //  rows), with rids recorded by an earlier batch and rids repeated
+    //  inside it, far apart in the array: each rid is billed once, to its
+    //  first event, and its other events report that event's cost.
+    gw_usage_event_t early[5];
+    for (uint32_t n = 0; n < 5; n++)
+        s_event (&early[n], 5000 + n * 20, "dave", "mini", 1000 + n);
+    assert (gw_store_record_usage (store, early, 5) == 0);
+    int64_t dave = 0;
+    assert (gw_store_user_get (store, "dave", NULL, 0, &dave) == 0);
+    assert (dave == -(1000 + 1001 + 1002 + 1003 + 1004));
+    int64_t ledger_before =
+        s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0);
+    gw_usage_event_t big[110];
+    for (uint32_t i = 0; i < 90; i++)  //  rids 5000..5089, from the top
+        s_event (&big[i], 5089 - i, "dave", "mini", 10 + i);
+    for (uint32_t i = 90; i < 110; i++)  //  rids 5000..5076 again, step 4
+        s_event (&big[i], 5000 + (i - 90) * 4, "dave", "mini", 7);
+    big[100].rid[4] ^= 1;  //  not 5040 but another rid: new
+    commits = gw_store_commits (store);
+    assert (gw_store_record_usage (store, big, 110) == 0);
+    assert (gw_store_commits (store) == commits + 1);
+    int64_t billed = 0;
+    int fresh = 0;
+    for (uint32_t i = 0; i < 110; i++) {
+        uint32_t n = i < 90 ? 5089 - i : 5000 + (i - 90) * 4;
+        bool earlier = n % 20 == 0 && n < 5100;  //  in early[]
+        int64_t first = earlier ? 1000 + (n - 5000) / 20 : 10 + (5089 - n);
+        if (i == 100) {
+            assert (!big[i].duplicate && big[i].recorded_cost == 7);
+        }
+        else if (i < 90 && !earlier) {
+            assert (!big[i].duplicate && big[i].recorded_cost == first);
+        }
+        else
+            assert (big[i].duplicate && big[i].recorded_cost == first);
+        if (!big[i].duplicate) {
+            billed += big[i].recorded_cost;
+            fresh++;
+        }
+    }
+    assert (fresh == 90 - 5 + 1);
+    assert (s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0) ==
+        ledger_before + fresh);
+    int64_t dave_after = 0;
+    assert (gw_store_user_get (store, "dave", NULL, 0, &dave_after) == 0);
+    assert (dave_after == dave - billed);
+    //  Again: all duplicates, nothing moves.
+    assert (gw_store_record_usage (store, big, 110) == 0);
+    for (uint32_t i = 0; i < 110; i++)
+        assert (big[i].duplicate);
+    assert (big[100].recorded_cost == 7 && big[0].recorded_cost == 10);
+    assert (gw_store_user_get (store, "dave", NULL, 0, &balance) == 0);
+    assert (balance == dave_after);
+    assert (s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0) ==
+        ledger_before + fresh);
+
     //  Usage queries: per key and per user, per model, over a time range.
     gw_usage_sum_t total, rows[4];
     int models =
@@ -2083,6 +2433,44 @@ s_test_backend (const char *url, bool verbose)
             printf ("\n    after kill: %d %s", rc, gw_store_error (store));
         assert (rc == 0 || rc == GW_STORE_UNAVAILABLE);
         assert (gw_store_price_get (store, "mini", &got) == 0 && got.input == 150000);
+
+        //  Prepared statements belong to the session: a reconnect must start
+        //  from an empty cache (the server would otherwise have to report
+        //  each one missing), and one lost behind our back is prepared again,
+        //  inside a transaction by record_usage's retry.
+        int64_t rows_before =
+            s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0);
+        assert (gw_store_user_get (store, "bob", NULL, 0, &bob_before) == 0);
+        gw_usage_event_t again[3];
+        s_event (&again[0], 9100, "bob", "mini", 7);
+        s_event (&again[1], 9101, "bob", "mini", 11);
+        s_event (&again[2], 9100, "bob", "mini", 7);
+        assert (gw_store_record_usage (store, again, 2) == 0);
+        s_pg_cache_check (store, 0);
+        s_pg_kill (url, store);
+        assert (gw_store_record_usage (store, again + 1, 2) == 0);
+        assert (again[1].duplicate && again[1].recorded_cost == 11);
+        assert (again[2].duplicate && again[2].recorded_cost == 7);
+        s_pg_cache_check (store, 0);
+        s_pg_kill (url, store);
+        gw_store_price_get (store, "mini", &got);  //  may report the reset once
+        assert (gw_store_price_get (store, "mini", &got) == 0 && got.input == 150000);
+        s_pg_cache_check (store, 0);
+        s_pg_forget (store, "SELECT model, input_micros");
+        assert (gw_store_price_get (store, "mini", &got) == 0 && got.input == 150000);
+        s_pg_cache_check (store, 1);
+        assert (gw_store_record_usage (store, again + 1, 2) == 0);
+        s_pg_cache_check (store, 1);
+        s_pg_forget (store, "INSERT INTO usage_ledger");
+        s_event (&again[0], 9102, "bob", "mini", 13);
+        assert (gw_store_record_usage (store, again, 3) == 0);
+        assert (!again[0].duplicate && again[1].duplicate && again[2].duplicate);
+        s_pg_cache_check (store, 2);
+        assert (s_scalar (store, "SELECT COUNT (*) FROM usage_ledger", NULL, 0) ==
+            rows_before + 3);
+        assert (gw_store_user_get (store, "bob", NULL, 0, &bob_after) == 0 &&
+            bob_after == bob_before - 7 - 11 - 13);
+
         //  Bad rows: a NULL where an integer belongs.
         assert (
             s_simple (store,
