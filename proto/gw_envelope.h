@@ -31,6 +31,10 @@ void gw_envelope_destroy (gw_envelope_t **self_p);
 //  envelope per request in a reused one allocates nothing.
 void gw_envelope_clear (gw_envelope_t *self);
 
+//  Replace the contents with a copy of source's (no encoding, no parsing;
+//  buffers reused as by a decode).
+void gw_envelope_copy (gw_envelope_t *self, gw_envelope_t *source);
+
 //  Replace the contents with the decoded bytes. Returns 0, or -1 if the bytes
 //  are not a valid version 1 envelope (malformed msgpack, wrong types, limits
 //  exceeded); the envelope is then empty. Unknown keys are ignored.

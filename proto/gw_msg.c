@@ -28,6 +28,7 @@ struct _gw_msg_t {
     uint32_t credit;  //  CREDIT amount
     char role;  //  PING sender role: 'W', 'C', 'B' (0 = not sent)
     zframe_t *envelope;  //  REQUEST/FORWARD/FINAL envelope, or NULL
+    gw_envelope_t *live;  //  decoded envelope standing for it (not owned), or NULL
     zframe_t *body;  //  REQUEST/FORWARD/FINAL body, PARTIAL payload
     size_t body_max;  //  largest body accepted, bytes
     const char *reason;  //  why the last decode failed, static string
@@ -38,6 +39,22 @@ static const char *s_commands[] = {"UNKNOWN", "READY", "REQUEST", "FORWARD", "PA
 
 //  Frames each command has after signature and command (minimum).
 static const int s_frames[] = {0, 4, 5, 5, 3, 4, 2, 2, 0, 0, 0};
+
+//  Write the envelope frame from the live envelope, if there is one (a
+//  direct hand-off set it instead of encoding). An envelope that cannot be
+//  encoded within GW_ENVELOPE_MAX leaves no frame.
+static void
+s_materialize (gw_msg_t *self)
+{
+    if (!self->live)
+        return;
+    zframe_t *frame = gw_envelope_encode (self->live);
+    self->live = NULL;
+    if (frame && zframe_size (frame) > GW_ENVELOPE_MAX)
+        zframe_destroy (&frame);
+    zframe_destroy (&self->envelope);
+    self->envelope = frame;
+}
 
 gw_msg_t *
 gw_msg_new (int id)
@@ -151,6 +168,7 @@ static int
 s_decode (gw_msg_t *self, s_part_t *parts, int count)
 {
     self->has_rid = false;
+    self->live = NULL;
     zframe_destroy (&self->envelope);
     zframe_destroy (&self->body);
 #define FAIL(why)                                                                        \
@@ -420,6 +438,7 @@ s_append_copy (zmsg_t *msg, zframe_t *frame)
 static void
 s_encode_into (gw_msg_t *self, zmsg_t *msg)
 {
+    s_materialize (self);
     byte buf[16];
     zmsg_addmem (msg, GW_MSG_SIGNATURE, 4);
     buf[0] = (byte)self->id;
@@ -519,6 +538,7 @@ gw_msg_send (gw_msg_t *self, zsock_t *output)
 {
     assert (self);
     assert (output);
+    s_materialize (self);
     void *handle = zsock_resolve (output);
     if (zsock_type (output) == ZMQ_ROUTER) {
         if (!self->routing_id)
@@ -601,6 +621,7 @@ gw_msg_t *
 gw_msg_dup (gw_msg_t *self)
 {
     assert (self);
+    s_materialize (self);
     gw_msg_t *copy = (gw_msg_t *)zmalloc (sizeof (gw_msg_t));
     assert (copy);
     *copy = *self;
@@ -799,12 +820,14 @@ gw_msg_set_role (gw_msg_t *self, char role)
 zframe_t *
 gw_msg_envelope (gw_msg_t *self)
 {
+    s_materialize (self);
     return self->envelope;
 }
 
 void
 gw_msg_set_envelope (gw_msg_t *self, zframe_t **frame_p)
 {
+    self->live = NULL;
     zframe_destroy (&self->envelope);
     if (frame_p) {
         self->envelope = *frame_p;
@@ -836,9 +859,24 @@ gw_msg_take_body (gw_msg_t *self)
     return frame;
 }
 
+void
+gw_msg_set_live_envelope (gw_msg_t *self, gw_envelope_t *envelope)
+{
+    assert (self);
+    self->live = envelope;
+}
+
+gw_envelope_t *
+gw_msg_live_envelope (gw_msg_t *self)
+{
+    assert (self);
+    return self->live;
+}
+
 zframe_t *
 gw_msg_take_envelope (gw_msg_t *self)
 {
+    s_materialize (self);
     zframe_t *frame = self->envelope;
     self->envelope = NULL;
     return frame;
@@ -1125,6 +1163,35 @@ gw_msg_test (bool verbose)
     assert (s_test_error_field (error, "code", NULL));
     assert (!s_test_error_field (error, "param", "x"));
     zframe_destroy (&error);
+
+    //  A live envelope stands for the frame: written when the frame is
+    //  asked for (here by gw_msg_dup, then by a send), dropped by a new
+    //  frame.
+    gw_envelope_t *live = gw_envelope_new ();
+    gw_envelope_set_model (live, "live-model");
+    gw_msg_set_live_envelope (msg, live);
+    assert (gw_msg_live_envelope (msg) == live);
+    gw_msg_t *twin = gw_msg_dup (msg);
+    assert (!gw_msg_live_envelope (msg) && !gw_msg_live_envelope (twin));
+    gw_envelope_t *seen = gw_envelope_new ();
+    zframe_t *frame = gw_msg_envelope (twin);
+    assert (gw_envelope_decode (seen, zframe_data (frame), zframe_size (frame)) == 0);
+    assert (streq (gw_envelope_model (seen), "live-model"));
+    gw_envelope_set_model (live, "sent-model");
+    gw_msg_set_live_envelope (twin, live);
+    assert (gw_msg_send (twin, dealer) == 0);
+    gw_msg_t *got = gw_msg_new (0);
+    assert (gw_msg_recv (got, router) == GW_MSG_OK && !gw_msg_live_envelope (got));
+    frame = gw_msg_envelope (got);
+    assert (gw_envelope_decode (seen, zframe_data (frame), zframe_size (frame)) == 0);
+    assert (streq (gw_envelope_model (seen), "sent-model"));
+    gw_msg_set_live_envelope (got, live);
+    gw_msg_set_envelope (got, NULL);
+    assert (!gw_msg_live_envelope (got) && !gw_msg_envelope (got));
+    gw_msg_destroy (&got);
+    gw_msg_destroy (&twin);
+    gw_envelope_destroy (&seen);
+    gw_envelope_destroy (&live);
 
     gw_msg_destroy (&ready);
     gw_msg_destroy (&in);

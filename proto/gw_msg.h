@@ -133,6 +133,16 @@ void gw_msg_set_body (gw_msg_t *self, zframe_t **frame_p);
 zframe_t *gw_msg_take_body (gw_msg_t *self);
 zframe_t *gw_msg_take_envelope (gw_msg_t *self);
 
+//  A decoded envelope that stands for the envelope frame (not owned): a
+//  direct hand-off inside one actor (gw_worker_pass) sets it instead of
+//  encoding, and the next stage copies it (gw_stage_envelope). It must
+//  outlive every use of the message in that call chain; whatever asks for
+//  the frame (gw_msg_envelope, take, dup, send, encode) gets it encoded
+//  then, and setting a frame drops it.
+typedef struct _gw_envelope_t gw_envelope_t;
+void gw_msg_set_live_envelope (gw_msg_t *self, gw_envelope_t *envelope);
+gw_envelope_t *gw_msg_live_envelope (gw_msg_t *self);
+
 //  True if text is a valid service name (PROTOCOL.md §2, READY).
 bool gw_msg_service_valid (const char *text, size_t size);
 

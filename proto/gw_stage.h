@@ -122,6 +122,12 @@ void gw_stage_destroy (gw_stage_t **self_p);
 //  or -1 as gw_worker_forward.
 int gw_stage_forward (gw_stage_t *stage, gw_msg_t *request, gw_envelope_t *envelope);
 
+//  The request's envelope, into own: copied from the stage before when the
+//  request was handed over in this actor (its live envelope: no encoding
+//  and decoding at a direct hand-off), else decoded from its frame.
+//  Returns 0, or -1 if the envelope is missing or malformed.
+int gw_stage_envelope (gw_msg_t *request, gw_envelope_t *own);
+
 //  Self test of this class.
 void gw_stage_test (bool verbose);
 

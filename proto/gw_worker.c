@@ -686,7 +686,7 @@ gw_worker_error (gw_worker_t *self, const uint8_t rid[16], uint16_t status,
 //  stage's timing (named as the slip names it: co-located stages share a
 //  session, PROTOCOL.md §2) from req's start to now. Returns the encoded
 //  envelope, or NULL (cursor restored) if it grew past GW_ENVELOPE_MAX.
-static zframe_t *
+static void
 s_advance (gw_worker_t *self, s_request_t *req, gw_envelope_t *envelope)
 {
     size_t cursor = gw_envelope_cursor (envelope);
@@ -694,13 +694,6 @@ s_advance (gw_worker_t *self, s_request_t *req, gw_envelope_t *envelope)
     gw_envelope_set_cursor (envelope, cursor + 1);
     gw_envelope_timing_add (envelope, stage ? stage : self->service,
         (uint64_t)req->t_in_us, (uint64_t)gw_time_us ());
-    zframe_t *encoded = gw_envelope_encode (envelope);
-    if (!encoded || zframe_size (encoded) > GW_ENVELOPE_MAX) {
-        zframe_destroy (&encoded);
-        gw_envelope_set_cursor (envelope, cursor);
-        return NULL;
-    }
-    return encoded;
 }
 
 int
@@ -714,9 +707,14 @@ gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope
     const char *next = gw_envelope_next (envelope);
     if (!req || !next || gw_msg_set_service (self->out, next))
         return -1;
-    zframe_t *encoded = s_advance (self, req, envelope);
-    if (!encoded)
+    size_t cursor = gw_envelope_cursor (envelope);
+    s_advance (self, req, envelope);
+    zframe_t *encoded = gw_envelope_encode (envelope);
+    if (!encoded || zframe_size (encoded) > GW_ENVELOPE_MAX) {
+        zframe_destroy (&encoded);
+        gw_envelope_set_cursor (envelope, cursor);
         return -1;
+    }
     gw_msg_set_id (self->out, GW_MSG_FORWARD);
     gw_msg_set_rid (self->out, rid);
     gw_msg_set_deadline (self->out, gw_msg_deadline (request));
@@ -747,10 +745,10 @@ gw_worker_pass (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope)
     const char *next = gw_envelope_next (envelope);
     if (!req || !next || gw_msg_set_service (request, next))
         return -1;
-    zframe_t *encoded = s_advance (self, req, envelope);
-    if (!encoded)
-        return -1;
-    gw_msg_set_envelope (request, &encoded);
+    s_advance (self, req, envelope);
+    //  Not encoded: the next stage copies the envelope itself
+    //  (gw_stage_envelope); the frame is written only if asked for.
+    gw_msg_set_live_envelope (request, envelope);
     req->t_in_us = gw_time_us ();  //  the next stage's timing starts now
     return 0;
 }

@@ -122,11 +122,12 @@ int gw_worker_forward (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *enve
 //  Co-location (DESIGN.md §8): hand a request in flight to the next stage
 //  of its slip that runs in this same thread, instead of FORWARDing it
 //  through the broker. Advances the cursor and appends this stage's timing
-//  like gw_worker_forward, writes the envelope (encoded) and the next
-//  service into request, and keeps the request: the next stage answers or
-//  forwards it on this session. Returns 0, or -1 if the slip has no next
-//  service, the rid is unknown or the envelope outgrew GW_ENVELOPE_MAX
-//  (nothing changed then).
+//  like gw_worker_forward, writes the next service into request and the
+//  envelope as its live envelope (gw_msg_set_live_envelope: not encoded;
+//  the caller keeps envelope unchanged until the next stage is done with
+//  the request), and keeps the request: the next stage answers or forwards
+//  it on this session. Returns 0, or -1 if the slip has no next service or
+//  the rid is unknown (nothing changed then).
 int gw_worker_pass (gw_worker_t *self, gw_msg_t *request, gw_envelope_t *envelope);
 
 //  PARTIALs the request may send now (UINT32_MAX when unlimited), 0 for an

@@ -872,9 +872,7 @@ s_request (void *state, gw_stage_t *stage, gw_msg_t *request)
     s_stage_t *self = (s_stage_t *)state;
     gw_worker_t *session = gw_stage_session (stage);
     const uint8_t *rid = gw_msg_rid (request);
-    zframe_t *frame = gw_msg_envelope (request);
-    if (!frame ||
-        gw_envelope_decode (self->envelope, zframe_data (frame), zframe_size (frame))) {
+    if (gw_stage_envelope (request, self->envelope)) {
         gw_worker_error (session, rid, 400, "invalid_request_error", "invalid_envelope",
             "The request envelope could not be decoded.");
         return;

@@ -746,9 +746,7 @@ static void
 s_handle (s_router_t *self, gw_msg_t *request)
 {
     const uint8_t *rid = gw_msg_rid (request);
-    zframe_t *frame = gw_msg_envelope (request);
-    if (!frame ||
-        gw_envelope_decode (self->envelope, zframe_data (frame), zframe_size (frame))) {
+    if (gw_stage_envelope (request, self->envelope)) {
         gw_worker_error (self->worker, rid, 400, "invalid_request_error",
             "invalid_envelope", "The request envelope could not be decoded.");
         return;
