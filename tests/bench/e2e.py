@@ -24,16 +24,19 @@ It starts, each under its own prefix in a temporary directory and on free
 - **aigw-1p**: the same stages co-located as actors of one aigw-gateway
   process over inproc (DESIGN.md §8, docs/OPERATIONS.md);
 
-then loads direct / nginx / aigw / aigw-1p with wrk (tests/bench/chat.lua: POST of a
-~1 KB chat body with Content-Type and Authorization) in interleaved rounds,
-non-streaming and streaming, at concurrency 1, 16 and 64, and reads the
-CPU time (utime+stime from /proc/<pid>/stat) of the serving processes before
+then loads direct / nginx / aigw / aigw-1p in interleaved rounds, non-streaming
+and streaming: at concurrency 16 and 64 with wrk (tests/bench/chat.lua: POST
+of a ~1 KB chat body with Content-Type and Authorization), at concurrency 1
+with probe(), a closed-loop client of its own on one keep-alive connection
+sending the same bytes (wrk's per-request latencies at concurrency 1 sum to
+more than the run on these VMs, docs/PERFORMANCE.md), and reads the CPU
+time (utime+stime from /proc/<pid>/stat) of the serving processes before
 and after every run. It prints one table with ratios to direct and to nginx
 and writes it into docs/PERFORMANCE.md between the e2e-bench markers, with
 the machine, the command and the DESIGN.md §8 / issue 6 target lines.
 
 Environment: AIGW_BUILD (build folder, default build), BENCH_SHORT=1,
-BENCH_E2E_SECONDS (per wrk run), BENCH_E2E_ROUNDS, BENCH_CHUNKS (default 20),
+BENCH_E2E_SECONDS (per run), BENCH_E2E_ROUNDS, BENCH_CHUNKS (default 20),
 BENCH_BUS=tcp|ipc (bus transport, default tcp as `make run`).
 Standard library only.
 """
@@ -41,6 +44,7 @@ Standard library only.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -514,6 +518,160 @@ def wrk(port: int, stream: bool, conc: int, seconds: int, body: Path) -> Dict[st
     return res
 
 
+def probe_request(port: int, stream: bool, body: bytes) -> bytes:
+    """The request wrk sends with tests/bench/chat.lua, byte for byte but for
+    the order of the headers (wrk's follows a Lua table's hash order)."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\n"
+            f"Host: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\n"
+            f"Accept: {'text/event-stream' if stream else 'application/json'}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.I)
+_CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r\n]*chunked", re.I)
+_CLOSE = re.compile(rb"\r\nconnection:[^\r\n]*close", re.I)
+
+
+class ProbeError(Exception):
+    """A response the probe cannot take (closed early, no framing, extra
+    bytes): counted as a read error and the connection opened again."""
+
+
+def probe(port: int, stream: bool, seconds: float, body: Path) -> Dict[str, float]:
+    """The concurrency-1 latency probe: a closed loop on one keep-alive
+    HTTP/1.1 connection (TCP_NODELAY) for `seconds`, sending the bytes wrk
+    sends. A request's latency runs from just before sendall to the last byte
+    of its response (Content-Length, or chunked framing up to the last
+    chunk), so the latencies of one run cannot add up to more than the run.
+    wrk's do on these VMs (docs/PERFORMANCE.md), which is why this exists.
+    Same result keys as wrk()."""
+    req = probe_request(port, stream, body.read_bytes())
+    buf = bytearray(1 << 16)
+    mv = memoryview(buf)
+    lat: List[int] = []
+    err = {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0}
+    clock = time.perf_counter_ns
+    find = buf.find
+    sock: Optional[socket.socket] = None
+    recv_into = None
+    end = 0  # bytes of the current response in buf
+
+    def more() -> None:
+        nonlocal end, buf, mv, find
+        if end == len(buf):  # a larger answer than ever: grow
+            buf = buf + bytearray(len(buf))
+            mv, find = memoryview(buf), buf.find
+        n = recv_into(mv[end:])
+        if not n:
+            raise ProbeError("read")
+        end += n
+
+    gc_was = gc.isenabled()
+    gc.disable()  # no collector pauses inside a measured request
+    start = clock()
+    deadline = start + int(seconds * 1e9)
+    try:
+        while clock() < deadline:
+            if sock is None:
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                except OSError:
+                    err["connect"] += 1
+                    time.sleep(0.01)
+                    continue
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            recv_into = sock.recv_into
+            end = 0
+            t0 = clock()
+            try:
+                sock.sendall(req)
+            except OSError:
+                err["write"] += 1
+                sock.close()
+                sock = None
+                continue
+            try:
+                he = -1
+                while he < 0:
+                    more()
+                    he = find(b"\r\n\r\n", 0, end)
+                he += 4
+                head = bytes(mv[:he])
+                ok = head[9:12] == b"200"
+                if _CHUNKED.search(head):
+                    pos = he
+                    while True:
+                        eol = find(b"\r\n", pos, end)
+                        while eol < 0:
+                            more()
+                            eol = find(b"\r\n", pos, end)
+                        size = int(bytes(mv[pos:eol]).split(b";")[0], 16)
+                        if size == 0:  # the last chunk, then trailers and CRLF
+                            done = find(b"\r\n\r\n", eol, end)
+                            while done < 0:
+                                more()
+                                done = find(b"\r\n\r\n", eol, end)
+                            pos = done + 4
+                            break
+                        pos = eol + 2 + size + 2
+                        while end < pos:
+                            more()
+                else:
+                    m = _CONTENT_LENGTH.search(head)
+                    if not m:
+                        raise ProbeError("read")  # neither framing: not what we test
+                    pos = he + int(m.group(1))
+                    while end < pos:
+                        more()
+                t1 = clock()
+                if end != pos:
+                    raise ProbeError("read")  # bytes after the response: unasked
+            except socket.timeout:
+                err["timeout"] += 1
+                sock.close()
+                sock = None
+                continue
+            except (OSError, ValueError, ProbeError):
+                err["read"] += 1
+                sock.close()
+                sock = None
+                continue
+            lat.append(t1 - t0)
+            if not ok:
+                err["status"] += 1
+            if _CLOSE.search(head):
+                sock.close()
+                sock = None
+        stop = clock()
+    finally:
+        if sock is not None:
+            sock.close()
+        if gc_was:
+            gc.enable()
+    duration = stop - start
+    total = sum(lat)
+    # The point of the probe: one request at a time, each timed inside the
+    # run, so the latencies cannot sum to more than the run took.
+    if total > duration:
+        raise RuntimeError(f"probe latencies sum to {total} ns > the run's {duration} ns")
+    lat.sort()
+    n = len(lat)
+
+    def pct(p: int) -> int:
+        return round(lat[max(0, -(-n * p // 100) - 1)] / 1000) if n else 0
+    res: Dict[str, float] = {"requests": n, "duration_us": duration // 1000,
+                             "p50": pct(50), "p90": pct(90), "p99": pct(99),
+                             "max": round(lat[-1] / 1000) if n else 0,
+                             "mean": total / 1000 / max(1, n), "busy": total / duration,
+                             **err}
+    res["errors"] = sum(err.values())
+    res["rps"] = n / (duration / 1e9)
+    return res
+
+
 def backing_pids() -> Dict[str, int]:
     """Redis and PostgreSQL (master and its backends) of the aigw-rp layout,
     started by tests/harness/services.sh; empty when they are not there."""
@@ -733,17 +891,17 @@ def build_report(res: Dict, cpu_by_proc: Dict, meta: Dict) -> Tuple[str, str]:
     problems = meta["problems"]
     describe = "\n".join(f"- {d};" for d in meta["describe"])
     section = f"""Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {mc['nproc']} cores ({mc['cpu']}), Linux {mc['kernel']}, {mc['os']}, libzmq {mc['libzmq']}, nginx {mc['nginx']}, wrk {mc['wrk']}; 1-minute load average {mc['load']} at the start (anything above ~0 means other work shared the cores).
-Command: `{meta['command']}` ({meta['mode']}: {meta['rounds']} interleaved round(s) of {meta['seconds']} s per wrk run; wrk -t1 at concurrency 1, -t2 above).
+Command: `{meta['command']}` ({meta['mode']}: {meta['rounds']} interleaved round(s) of {meta['seconds']} s per run; concurrency 1: the probe in tests/bench/e2e.py, concurrency 16 and 64: wrk -t2).
 
-Setup, all on 127.0.0.1 and sharing the {mc['nproc']} cores with wrk and the mock:
+Setup, all on 127.0.0.1 and sharing the {mc['nproc']} cores with the client and the mock:
 - mock provider: nginx, 1 worker, fixed chat.completion ({meta['resp_bytes']} bytes) from memory; streams: {meta['chunks']} chat.completion.chunk events + a usage chunk + `[DONE]` ({meta['sse_bytes']} bytes, one static file);
 - nginx: reverse proxy, 1 worker, keep-alive upstream (HTTP/1.1), proxy_buffering off for streams;
 {describe}
-- client: wrk with tests/bench/chat.lua, POST of a {meta['req_bytes']}-byte chat body (streams: {meta['req_stream_bytes']} bytes, `stream_options.include_usage`), `Authorization: Bearer …`.
+- client: at concurrency 16 and 64 wrk with tests/bench/chat.lua, at concurrency 1 the probe (same request bytes), POST of a {meta['req_bytes']}-byte chat body (streams: {meta['req_stream_bytes']} bytes, `stream_options.include_usage`), `Authorization: Bearer …`.
 
 {table}
 
-p50/p99 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream), median over rounds. Each run starts once the previous one's work is done (every serving process of every target idle for 200 ms, at most 5 s). CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p, aigw-rp: the aigw-gateway process, not Redis or PostgreSQL; nginx: master and worker; direct, in parentheses: the mock itself) over the requests wrk completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are wrk's socket errors plus non-2xx answers.
+p50/p99 at concurrency 16 and 64 are wrk's per-request latencies (first byte written to last byte read; for streams the whole stream). Every figure of a concurrency-1 row (req/s, p50/p99, CPU, errors; so also the concurrency-1 target lines below) comes from the probe in e2e.py instead of wrk: one keep-alive HTTP/1.1 connection (TCP_NODELAY) sending wrk's request bytes in a closed loop for the same {meta['seconds']} s, each latency from just before the request is written to the last byte of the response read (Content-Length or the last chunk). wrk's latencies at concurrency 1 sum to more than its run on these VMs (docs/PERFORMANCE.md), so they cannot all be true; the probe's summed to {meta['probe_busy']} of each run here and are checked never to exceed it. Its own cost per request (Python) is in every latency and the same for every target, so the differences to direct cancel it. Medians over rounds. Each run starts once the previous one's work is done (every serving process of every target idle for 200 ms, at most 5 s). CPU µs/req is utime+stime of the serving processes (aigw: every aigw-* process; aigw-1p, aigw-rp: the aigw-gateway process, not Redis or PostgreSQL; nginx: master and worker; direct, in parentheses: the mock itself) over the requests the run completed, all rounds together; the mock's own CPU is not in the aigw or nginx figures. Errors are socket errors plus non-2xx answers (wrk's, or the probe's).
 
 Targets (issue 6, DESIGN.md §8){meta['target_note']}:
 {chr(10).join(targets)}
@@ -857,7 +1015,12 @@ def bench(args) -> int:
                         backing = backing_pids() if t == "aigw-rp" else {}
                         b0, m0 = cpu_sample(pids), cpu_sample(mock_pids)
                         k0 = cpu_sample(backing)
-                        r = wrk(ports[t], m == "stream", c, seconds, bodies[m])
+                        # concurrency 1: the probe instead of wrk (its
+                        # latencies add up; see probe()); above: wrk
+                        if c == 1:
+                            r = probe(ports[t], m == "stream", seconds, bodies[m])
+                        else:
+                            r = wrk(ports[t], m == "stream", c, seconds, bodies[m])
                         b1, m1 = cpu_sample(pids), cpu_sample(mock_pids)
                         k1 = cpu_sample(backing)
                         r["cpu_us"] = us_per_req(b0, b1, r["requests"])
@@ -871,7 +1034,10 @@ def bench(args) -> int:
                         done += 1
                         log(f"[{done}/{total}] round {rnd + 1} {m:6} c{c:<3} {t:7} "
                             f"{r['rps']:9,.0f} req/s  p50 {r['p50']:6d} µs  p99 {r['p99']:6d} µs"
-                            f"  cpu {r['cpu_us']:6.0f} µs/req  errors {r['errors']}")
+                            f"  cpu {r['cpu_us']:6.0f} µs/req  errors {r['errors']}"
+                            + (f"  [probe: {r['requests']} req, p90 {r['p90']} max {r['max']} "
+                               f"mean {r['mean']:.0f} µs, latencies = {r['busy']:.1%} of the run]"
+                               if c == 1 else ""))
                         if r["errors"]:
                             problems.append(f"round {rnd + 1} {m} c{c} {t}: {r['errors']} errors "
                                             f"of {r['requests']} (connect {r['connect']}, read "
@@ -899,7 +1065,9 @@ def bench(args) -> int:
         if not all(aigw.optional.values()):
             target_note = (" — provisional: the issue's target pipeline includes ratelimit and "
                            "billing, which were not in this run")
-        meta = {"machine": dict(machine(), load=load_at_start), "command": cmd, "mode": "short" if short else "full",
+        busy = [r["busy"] for (_, c, _), runs in res.items() if c == 1 for r in runs]
+        probe_busy = f"{min(busy):.1%}–{max(busy):.1%}" if busy else "—"
+        meta = {"probe_busy": probe_busy, "machine": dict(machine(), load=load_at_start), "command": cmd, "mode": "short" if short else "full",
                 "rounds": rounds, "seconds": seconds, "chunks": chunks,
                 "resp_bytes": len(completion_json()), "sse_bytes": len(sse_body(chunks)),
                 "req_bytes": len(request_body(False)), "req_stream_bytes": len(request_body(True)),
