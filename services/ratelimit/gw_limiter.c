@@ -1355,6 +1355,8 @@ s_redis_admit (gw_limiter_t *self, const gw_limiter_request_t *request,
     const char *scope_list, gw_limiter_result_t *result)
 {
     s_admit_args_t args;
+    args.argv[0] = "EVALSHA";  //  s_eval sets it too; set here for cppcheck
+    args.lens[0] = 7;
     size_t argc =
         s_admit_args (self, request, keys, rid_hex, windows, ref_ms, scope_list, &args);
     redisReply *reply = s_eval (self, true, (int)argc, args.argv, args.lens);
