@@ -946,9 +946,8 @@ s_exchange (s_req_t *req, gw_msg_t **request_p, bool stream)
     zsock_t *dealer = s_dealer (thread);
     uint64_t deadline = gw_msg_deadline (*request_p);
 
-    //  Drop anything left over from an earlier request on this thread.
-    while (gw_msg_recv (thread->in, dealer) != GW_MSG_NONE)
-        ;
+    //  Anything left over from an earlier request on this thread (a late
+    //  PARTIAL or FINAL after a cancel) is read and skipped below, by rid.
     int rc = gw_msg_send (*request_p, dealer);
     gw_msg_destroy (request_p);
     if (rc) {
@@ -961,29 +960,30 @@ s_exchange (s_req_t *req, gw_msg_t **request_p, bool stream)
     int64_t last_write = now;
     uint32_t step = edge->window ? (edge->window / 2 ? edge->window / 2 : 1) : 0;
     uint32_t unacked = 0;
-    zmq_pollitem_t item = {zsock_resolve (dealer), 0, ZMQ_POLLIN, 0};
+    //  Each message is read with a blocking receive that times out when
+    //  the next check is due: no zmq_poll, whose readiness checks before
+    //  and after sleeping cost libzmq two mailbox probes (getpid + poll)
+    //  each (docs/PERFORMANCE.md); the checks run every EDGE_POLL_MS.
+    void *handle = zsock_resolve (dealer);
+    int64_t check_at = now + EDGE_POLL_MS;
     while (true) {
         now = gw_mono_ms ();
-        int64_t wait = EDGE_POLL_MS;
+        int64_t wait = check_at - now;
         if (req->streaming && last_write + edge->sse_keepalive_ms - now < wait)
             wait = last_write + edge->sse_keepalive_ms - now;
         if (give_up - now < wait)
             wait = give_up - now;
         if (wait < 0)
             wait = 0;
-        if (zmq_poll (&item, 1, (long)wait) > 0) {
-            while (true) {
-                rc = gw_msg_recv (thread->in, dealer);
-                if (rc == GW_MSG_NONE)
-                    break;
-                if (rc != GW_MSG_OK || !gw_msg_has_rid (thread->in) ||
-                    memcmp (gw_msg_rid (thread->in), req->rid, 16) != 0)
-                    continue;  //  late message of an earlier request
-                int id = gw_msg_id (thread->in);
-                if (id == GW_MSG_FINAL)
-                    return 0;
-                if (id != GW_MSG_PARTIAL || !stream)
-                    continue;
+        int timeout = (int)wait;
+        zmq_setsockopt (handle, ZMQ_RCVTIMEO, &timeout, sizeof (timeout));
+        rc = gw_msg_recv (thread->in, dealer);
+        if (rc == GW_MSG_OK && gw_msg_has_rid (thread->in) &&
+            memcmp (gw_msg_rid (thread->in), req->rid, 16) == 0) {
+            int id = gw_msg_id (thread->in);
+            if (id == GW_MSG_FINAL)
+                return 0;
+            if (id == GW_MSG_PARTIAL && stream) {
                 if (!req->partial_seen && !req->streaming) {
                     thread->extra.size = 0;
                     zframe_t *head = gw_msg_envelope (thread->in);
@@ -1008,7 +1008,12 @@ s_exchange (s_req_t *req, gw_msg_t **request_p, bool stream)
                 }
             }
         }
+        //  Other messages are late ones of an earlier request: skipped.
         now = gw_mono_ms ();
+        if (rc != GW_MSG_NONE && now < check_at && now < give_up &&
+            !(req->streaming && now - last_write >= edge->sse_keepalive_ms))
+            continue;  //  a message, and no check due yet
+        check_at = now + EDGE_POLL_MS;
         int64_t stop_at = __atomic_load_n (&edge->stop_at, __ATOMIC_RELAXED);
         if (stop_at && now >= stop_at) {
             s_control (req, GW_MSG_CANCEL, 499);
