@@ -37,6 +37,7 @@
 #include "aigw.h"
 #include "gw_dispatch.h"
 #include "gw_broker.h"
+#include <poll.h>
 
 #define BROKER_TICK_MS 10  //  tick period while requests are queued
 #define BROKER_BATCH 1024  //  frame sets handled per wake-up before the pipe
@@ -883,43 +884,52 @@ gw_broker_actor (zsock_t *pipe, void *args)
     int64_t now = gw_mono_ms ();
     self->next_heartbeat = now;
     self->next_tick = now + BROKER_TICK_MS;
+    //  The loop sleeps in poll () on the sockets' ZMQ_FDs, not in
+    //  zmq_poll, which probes every socket's mailbox before and after
+    //  sleeping (libzmq: getpid + a zero-timeout poll per probe, the
+    //  largest share of the broker's syscalls). A socket's ZMQ_FD becomes
+    //  readable when anything arrives after a read of it came back empty,
+    //  so each turn ends by reading the router until it is empty, after
+    //  every send of the turn (a send may consume the router's wake-up);
+    //  the pipe and the tap are asked directly (ZMQ_EVENTS, a drain) every
+    //  turn, since sends on them can do the same.
     while (!self->terminated) {
-        //  Sleep until input or the next timer.
-        now = gw_mono_ms ();
-        int64_t wake = self->next_heartbeat;
-        if (gw_dispatch_queued_total (self->dispatch) > 0 && self->next_tick < wake)
-            wake = self->next_tick;
-        int64_t timeout = wake > now ? wake - now : 0;
-        zmq_pollitem_t items[] = {{zsock_resolve (pipe), 0, ZMQ_POLLIN, 0},
-            {zsock_resolve (self->router), 0, ZMQ_POLLIN, 0},
-            {self->tap ? zsock_resolve (self->tap) : NULL, 0, ZMQ_POLLIN, 0}};
-        int ready = zmq_poll (items, self->tap ? 3 : 2, (long)timeout);
-        if (ready < 0 && errno != EINTR)
-            break;  //  context terminated
-        if (ready > 0 && (items[0].revents & ZMQ_POLLIN))
+        if (zsock_events (pipe) & ZMQ_POLLIN)
             s_handle_pipe (self);
-        //  Drain what is ready (reads never wait), in bounded batches so
-        //  the pipe stays responsive.
-        if (ready > 0 && (items[1].revents & ZMQ_POLLIN))
-            for (int count = 0; count < BROKER_BATCH && s_handle_bus (self); count++)
-                ;
-        if (ready > 0 && self->tap && (items[2].revents & ZMQ_POLLIN))
+        if (self->terminated)
+            break;
+        if (self->tap)
             s_handle_tap (self);
-        now = gw_mono_ms ();
-        if (now >= self->next_heartbeat) {
+        int64_t now_ms = gw_mono_ms ();
+        if (now_ms >= self->next_heartbeat) {
             s_heartbeat (self);
             int period =
                 (self->heartbeat < self->expiry ? self->heartbeat : self->expiry) / 4;
-            self->next_heartbeat = now + (period > 5 ? period : 5);
+            self->next_heartbeat = now_ms + (period > 5 ? period : 5);
         }
-        if (now >= self->next_tick) {
+        if (now_ms >= self->next_tick) {
             if (gw_dispatch_queued_total (self->dispatch) > 0) {
                 gw_dispatch_tick (self->dispatch, gw_time_ms ());
                 s_execute (self, true);
                 s_reap (self);
             }
-            self->next_tick = now + BROKER_TICK_MS;
+            self->next_tick = now_ms + BROKER_TICK_MS;
         }
+        //  Drain the router last, in bounded batches so the pipe stays
+        //  responsive; a full batch means more may be waiting: no sleep.
+        int count = 0;
+        while (count < BROKER_BATCH && s_handle_bus (self))
+            count++;
+        now_ms = gw_mono_ms ();
+        int64_t wake = self->next_heartbeat;
+        if (gw_dispatch_queued_total (self->dispatch) > 0 && self->next_tick < wake)
+            wake = self->next_tick;
+        int64_t timeout = count == BROKER_BATCH ? 0 : wake > now_ms ? wake - now_ms : 0;
+        struct pollfd fds[3] = {{zsock_fd (pipe), POLLIN, 0},
+            {zsock_fd (self->router), POLLIN, 0},
+            {self->tap ? zsock_fd (self->tap) : -1, POLLIN, 0}};
+        if (poll (fds, self->tap ? 3 : 2, (int)timeout) < 0 && errno != EINTR)
+            break;
     }
     s_broker_destroy (&self);
 }
