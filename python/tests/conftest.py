@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,27 +31,12 @@ sys.path.insert(0, str(PYDIR))
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 
 import gwp  # noqa: E402  (test-only: the spec-based GWP/1 implementation)
+from ports import free_port  # noqa: E402,F401  (re-exported to the tests)
 
 PYTHON = "/usr/bin/python3"
 HEARTBEAT_MS = 200
 EXPIRY_MS = 600
 GRACE_MS = 1000
-
-
-_PORTS_GIVEN: set = set()
-
-
-def free_port() -> int:
-    """A port free now and not handed out before in this run: the kernel
-    may give the same just-released port to two calls in a row (a broker's
-    bus and tap once got one port between them)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,

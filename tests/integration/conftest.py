@@ -15,7 +15,6 @@ import atexit
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import gwp  # noqa: E402
+from ports import free_port  # noqa: E402,F401  (re-exported to the tests)
 
 REPO = HERE.parent.parent
 BUILD = Path(os.environ.get("AIGW_BUILD", str(REPO / "build")))
@@ -42,22 +42,6 @@ GRACE_MS = 1000
 RECONNECT_MS = 200
 
 _ALL: Set["Proc"] = set()
-
-
-_PORTS_GIVEN: set = set()
-
-
-def free_port() -> int:
-    """A port free now and not handed out before in this run: the kernel
-    may give the same just-released port to two calls in a row (a broker's
-    bus and tap once got one port between them)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _PORTS_GIVEN:
-            _PORTS_GIVEN.add(port)
-            return port
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
