@@ -184,7 +184,11 @@ def test_two_workers_share_load_by_credit(spawn: Callable[..., Proc], broker: Br
         client.cancel(rid)
     final3 = client.recv_final(rid3, 5000)
     assert final3 is not None and final3.status == 200
-    # finish two more streams and see both workers answer
+    # finish two more streams and see both workers answer, once both have
+    # their credit back (a cancelled stream ends on its worker's own time;
+    # until then the idle one would take both, one after the other)
+    wait_for(lambda: services(client)["model.tiny"]["in_flight"] == 0, 5,
+             "both workers idle")
     rids = [client.request("model.tiny", dict(_hold_body(), max_tokens=3),
                            envelope=envelope("model.tiny", "chat"), stream=True)
             for _ in range(2)]
